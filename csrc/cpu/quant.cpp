@@ -1,0 +1,172 @@
+// CPU kernels: 4-bit NF4 and 8-bit blockwise quantize/dequantize. Multi-threaded over blocks with
+// at::parallel_for; inner loops are plain arrays so the compiler can vectorize them.
+#include <ATen/Parallel.h>
+#include <ATen/Dispatch.h>
+#include <torch/library.h>
+
+#include "../common/nf4.h"
+#include "kernels.h"
+
+namespace nf4q::cpu {
+namespace {
+
+constexpr int64_t kGrainBlocks = 64;
+
+void check_table(const at::Tensor& code, int64_t n, const char* name) {
+  TORCH_CHECK(code.device().is_cpu() && code.scalar_type() == at::kFloat && code.numel() == n,
+              "nf4q: ", name, " must be a CPU fp32 table of ", n, " values");
+}
+
+std::tuple<at::Tensor, at::Tensor> quantize_4bit(const at::Tensor& A_in, const at::Tensor& code, int64_t blocksize) {
+  TORCH_CHECK(at::isFloatingType(A_in.scalar_type()), "nf4q: quantize_4bit needs a floating-point input");
+  TORCH_CHECK(blocksize >= 32 && blocksize <= 4096 && (blocksize & (blocksize - 1)) == 0,
+              "nf4q: blocksize must be a power of two in [32, 4096], got ", blocksize);
+  check_table(code, kCodes4, "code");
+  const auto A = A_in.contiguous();
+  const int64_t n = A.numel();
+  const int64_t blocks = ceil_div(n, blocksize);
+  auto packed = at::empty({(n + 1) / 2, 1}, A.options().dtype(at::kByte));
+  auto absmax = at::empty({blocks}, A.options().dtype(at::kFloat));
+  float mids[kCodes4 - 1];
+  midpoints(code.contiguous().data_ptr<float>(), kCodes4, mids);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, A.scalar_type(), "quantize_4bit_cpu", [&] {
+    const scalar_t* src = A.data_ptr<scalar_t>();
+    uint8_t* dst = packed.data_ptr<uint8_t>();
+    float* am = absmax.data_ptr<float>();
+    at::parallel_for(0, blocks, kGrainBlocks, [&](int64_t b0, int64_t b1) {
+      std::vector<uint8_t> q(blocksize);
+      for (int64_t b = b0; b < b1; ++b) {
+        const int64_t start = b * blocksize, len = std::min(blocksize, n - start);
+        float amax = 0.f;
+        for (int64_t i = 0; i < len; ++i) amax = std::max(amax, std::abs(static_cast<float>(src[start + i])));
+        am[b] = amax;
+        const bool partial = len < blocksize;
+        for (int64_t i = 0; i < len; ++i)
+          q[i] = encode4(scale_block(static_cast<float>(src[start + i]), amax, partial), mids);
+        if (len % 2) q[len] = 0;  // the pad nibble of an odd last element
+        for (int64_t i = 0; i < len; i += 2) dst[(start + i) / 2] = pack2(q[i], q[i + 1]);
+      }
+    });
+  });
+  return {packed, absmax};
+}
+
+std::tuple<at::Tensor, at::Tensor> quantize_blockwise_8bit(const at::Tensor& A_in, const at::Tensor& code,
+                                                           int64_t blocksize) {
+  TORCH_CHECK(at::isFloatingType(A_in.scalar_type()), "nf4q: quantize_blockwise_8bit needs a floating-point input");
+  TORCH_CHECK(blocksize > 0, "nf4q: blocksize must be positive");
+  check_table(code, kCodes8, "code");
+  const auto A = A_in.contiguous().to(at::kFloat);
+  const int64_t n = A.numel();
+  const int64_t blocks = ceil_div(n, blocksize);
+  auto q = at::empty({n}, A.options().dtype(at::kByte));
+  auto absmax = at::empty({blocks}, A.options());
+  float mids[kCodes8 - 1];
+  midpoints(code.contiguous().data_ptr<float>(), kCodes8, mids);
+  const float* src = A.data_ptr<float>();
+  uint8_t* dst = q.data_ptr<uint8_t>();
+  float* am = absmax.data_ptr<float>();
+  at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) {
+      const int64_t start = b * blocksize, len = std::min(blocksize, n - start);
+      float amax = 0.f;
+      for (int64_t i = 0; i < len; ++i) amax = std::max(amax, std::abs(src[start + i]));
+      am[b] = amax;
+      for (int64_t i = 0; i < len; ++i) dst[start + i] = encode8(scale_block(src[start + i], amax, len < blocksize), mids);
+    }
+  });
+  return {q, absmax};
+}
+
+at::Tensor dequantize_blockwise_8bit(const at::Tensor& q, const at::Tensor& absmax, const at::Tensor& code,
+                                     int64_t blocksize, at::ScalarType dtype) {
+  TORCH_CHECK(q.scalar_type() == at::kByte && q.is_contiguous(), "nf4q: q must be contiguous uint8");
+  TORCH_CHECK(absmax.scalar_type() == at::kFloat && absmax.is_contiguous(), "nf4q: absmax must be contiguous fp32");
+  TORCH_CHECK(blocksize > 0 && absmax.numel() == ceil_div(q.numel(), blocksize), "nf4q: absmax size mismatch");
+  check_table(code, kCodes8, "code");
+  auto out = at::empty({q.numel()}, q.options().dtype(dtype));
+  const uint8_t* src = q.data_ptr<uint8_t>();
+  const float* am = absmax.data_ptr<float>();
+  const auto table = code.contiguous();
+  const float* c = table.data_ptr<float>();
+  const int64_t n = q.numel();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "dequantize_8bit_cpu", [&] {
+    scalar_t* dst = out.data_ptr<scalar_t>();
+    at::parallel_for(0, n, 4096, [&](int64_t i0, int64_t i1) {
+      for (int64_t i = i0; i < i1; ++i) dst[i] = static_cast<scalar_t>(c[src[i]] * am[i / blocksize]);
+    });
+  });
+  return out;
+}
+
+at::Tensor dequantize_4bit(NF4Q_W4_PARAMS, at::ScalarType dtype) {
+  auto w = make_w4(NF4Q_W4_ARGS);
+  auto out = at::empty(w.shape, packed.options().dtype(dtype));
+  dequantize_into(w, out);
+  return out;
+}
+
+at::Tensor& dequantize_4bit_out(NF4Q_W4_PARAMS, at::ScalarType dtype, at::Tensor& out) {
+  auto w = make_w4(NF4Q_W4_ARGS);
+  TORCH_CHECK(out.scalar_type() == dtype && out.is_contiguous() && out.numel() == w.numel && out.device().is_cpu(),
+              "nf4q: out must be a contiguous CPU tensor of ", w.numel, " elements and dtype ", dtype);
+  dequantize_into(w, out);
+  return out;
+}
+
+}  // namespace
+
+at::Tensor absmax_fp32(const W4& w) {
+  if (!w.double_quant()) return w.absmax;
+  auto out = at::empty({w.blocks()}, w.absmax.options().dtype(at::kFloat));
+  const uint8_t* q = w.absmax.data_ptr<uint8_t>();
+  const float* a2 = w.nested_absmax->data_ptr<float>();
+  const auto nc = w.nested_code->contiguous();
+  const float* c = nc.data_ptr<float>();
+  const float offset = w.nested_offset->item<float>();
+  float* dst = out.data_ptr<float>();
+  for (int64_t i = 0; i < w.blocks(); ++i) dst[i] = decode_absmax(q, a2, c, offset, i, w.nested_blocksize);
+  return out;
+}
+
+void dequantize_into(const W4& w, at::Tensor& out) {
+  TORCH_CHECK(w.packed.device().is_cpu(), "nf4q: CPU kernel got a non-CPU weight");
+  const auto am_t = absmax_fp32(w);
+  const float* am = am_t.data_ptr<float>();
+  const float* c = w.code.data_ptr<float>();
+  // One lookup decodes a byte into both of its values.
+  float pair_hi[256], pair_lo[256];
+  for (int b = 0; b < 256; ++b) {
+    pair_hi[b] = c[high_nibble(b)];
+    pair_lo[b] = c[low_nibble(b)];
+  }
+  const uint8_t* src = w.packed.data_ptr<uint8_t>();
+  const int64_t n = w.numel, bs = w.blocksize;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, out.scalar_type(), "dequantize_4bit_cpu", [&] {
+    scalar_t* dst = out.data_ptr<scalar_t>();
+    at::parallel_for(0, w.blocks(), kGrainBlocks, [&](int64_t b0, int64_t b1) {
+      for (int64_t b = b0; b < b1; ++b) {
+        const int64_t start = b * bs, len = std::min(bs, n - start);
+        const float a = am[b];
+        const uint8_t* p = src + start / 2;
+        scalar_t* o = dst + start;
+        const int64_t pairs = len / 2;
+        for (int64_t j = 0; j < pairs; ++j) {
+          o[2 * j] = static_cast<scalar_t>(pair_hi[p[j]] * a);
+          o[2 * j + 1] = static_cast<scalar_t>(pair_lo[p[j]] * a);
+        }
+        if (len % 2) o[len - 1] = static_cast<scalar_t>(pair_hi[p[pairs]] * a);
+      }
+    });
+  });
+}
+
+TORCH_LIBRARY_IMPL(nf4q, CPU, m) {
+  m.impl("quantize_4bit", &quantize_4bit);
+  m.impl("dequantize_4bit", &dequantize_4bit);
+  m.impl("dequantize_4bit.out", &dequantize_4bit_out);
+  m.impl("quantize_blockwise_8bit", &quantize_blockwise_8bit);
+  m.impl("dequantize_blockwise_8bit", &dequantize_blockwise_8bit);
+}
+
+}  // namespace nf4q::cpu

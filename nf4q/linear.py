@@ -1,0 +1,141 @@
+"""Linear4bit, a drop-in nn.Linear with an NF4 weight, and quantize_model for whole models."""
+import re
+from typing import Iterable, Optional
+
+import torch
+from torch import nn
+
+from . import _ops
+from .tensor import NF4Weight, quantize
+
+# NF4Weight tensor field -> parameter name on the module. They are frozen nn.Parameters (not buffers) so
+# that FSDP2 can shard them and `module.to(device)` moves them.
+_PARAMS = {"packed": "weight", "absmax": "weight_absmax", "code": "weight_code", "nested_absmax": "weight_nested_absmax",
+           "nested_code": "weight_nested_code", "nested_offset": "weight_nested_offset"}
+
+
+class Linear4bit(nn.Module):
+    """y = x @ dequant(W)^T + b with W stored in NF4 (+ double quantization): about 4.13 bits per weight.
+
+    state_dict()/load_state_dict() use bitsandbytes' keys (`weight`, `weight.absmax`, ...,
+    `weight.quant_state.bitsandbytes__nf4`), so checkpoints move both ways between nf4q and bitsandbytes.
+    The input is cast to `compute_dtype` when one is set; the output has the input's dtype.
+    """
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, compute_dtype=None,
+                 blocksize: int = 64, double_quant: bool = True, nested_map="fp8_e4m3", device=None, dtype=None):
+        super().__init__()
+        dense = nn.Linear(in_features, out_features, bias=bias, device=device, dtype=dtype or torch.float32)
+        self._init_from(dense.weight.data, dense.bias.data if bias else None, compute_dtype, blocksize,
+                        double_quant, nested_map)
+
+    def _init_from(self, weight, bias, compute_dtype, blocksize, double_quant, nested_map):
+        self.in_features, self.out_features = weight.shape[1], weight.shape[0]
+        self.compute_dtype = compute_dtype
+        self.set_quantized(quantize(weight, blocksize=blocksize, double_quant=double_quant, nested_map=nested_map))
+        self.bias = nn.Parameter(bias.detach().clone()) if bias is not None else None
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, compute_dtype=None, blocksize: int = 64, double_quant: bool = True,
+                    nested_map="fp8_e4m3") -> "Linear4bit":
+        if not isinstance(linear, nn.Linear):
+            raise TypeError(f"linear must be an nn.Linear, got {type(linear).__name__}")
+        module = cls.__new__(cls)
+        nn.Module.__init__(module)
+        bias = linear.bias.data if linear.bias is not None else None
+        module._init_from(linear.weight.data, bias, compute_dtype, blocksize, double_quant, nested_map)
+        module.train(linear.training)
+        return module
+
+    # ---- the quantized weight -----------------------------------------------------------------
+    def set_quantized(self, qw: NF4Weight) -> None:
+        if tuple(qw.shape) != (self.out_features, self.in_features):
+            raise ValueError(f"weight shape {tuple(qw.shape)} does not match ({self.out_features}, {self.in_features})")
+        for fieldname, pname in _PARAMS.items():
+            t = getattr(qw, fieldname)
+            self.register_parameter(pname, nn.Parameter(t, requires_grad=False) if t is not None else None)
+        self.blocksize, self.nested_blocksize, self.weight_dtype = qw.blocksize, qw.nested_blocksize, qw.dtype
+
+    @property
+    def quantized_weight(self) -> NF4Weight:
+        """The weight as an NF4Weight (a view over this module's parameters, no copy)."""
+        return NF4Weight(**{f: (getattr(self, p).data if getattr(self, p) is not None else None)
+                            for f, p in _PARAMS.items()},
+                         shape=torch.Size((self.out_features, self.in_features)), dtype=self.weight_dtype,
+                         blocksize=self.blocksize, nested_blocksize=self.nested_blocksize)
+
+    def dequantize(self, dtype=None) -> torch.Tensor:
+        return self.quantized_weight.dequantize(dtype)
+
+    def _w4(self):
+        p = {f: getattr(self, n) for f, n in _PARAMS.items()}
+        return (p["packed"], p["absmax"], p["nested_absmax"], p["nested_code"], p["nested_offset"], p["code"],
+                self.blocksize, self.nested_blocksize, [self.out_features, self.in_features])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = self.compute_dtype or x.dtype
+        bias = self.bias.to(dtype) if self.bias is not None else None
+        return _ops.gemm_4bit(x.to(dtype), *self._w4(), bias=bias).to(x.dtype)
+
+    def extra_repr(self):
+        return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+                f"blocksize={self.blocksize}, double_quant={self.weight_nested_absmax is not None}")
+
+    # ---- device moves keep the data packed; dtype casts (model.half()) never touch quantized tensors ----
+    def _apply(self, fn, recurse=True):
+        before = {n: getattr(self, n).data for n in _PARAMS.values() if getattr(self, n) is not None}
+        super()._apply(fn, recurse)
+        for name, old in before.items():
+            param = getattr(self, name)
+            if param.dtype != old.dtype:
+                param.data = old.to(param.device)
+        return self
+
+    # ---- bitsandbytes-compatible state dict ---------------------------------------------------
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        sd = self.quantized_weight.state_dict(prefix)
+        for key, value in sd.items():
+            destination[key] = value if keep_vars else value.detach()
+        if self.bias is not None:
+            destination[prefix + "bias"] = self.bias if keep_vars else self.bias.detach()
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        own = {k: v for k, v in state_dict.items() if k.startswith(prefix + "weight")}
+        if not own:
+            missing_keys.append(prefix + "weight")
+        else:
+            device = self.weight.device
+            qw = NF4Weight.from_state_dict(own, prefix).to(device)
+            self.set_quantized(qw)
+        if self.bias is not None:
+            if prefix + "bias" in state_dict:
+                with torch.no_grad():
+                    self.bias.copy_(state_dict[prefix + "bias"])
+            else:
+                missing_keys.append(prefix + "bias")
+        for key in state_dict:
+            if key.startswith(prefix) and key not in own and key != prefix + "bias":
+                unexpected_keys.append(key)
+
+
+def _matches(name: str, patterns: Iterable[str]) -> bool:
+    return any(name == p or name.endswith("." + p) or re.fullmatch(p, name) for p in patterns)
+
+
+def quantize_model(model: nn.Module, skip=("lm_head",), progress: bool = True, compute_dtype=None,
+                   blocksize: int = 64, double_quant: bool = True, nested_map="fp8_e4m3") -> nn.Module:
+    """Replace every nn.Linear of `model` (in place) by a Linear4bit, except modules whose name ends with or
+    fully matches (regex) one of `skip`. Returns the model."""
+    from tqdm.auto import tqdm
+
+    if isinstance(skip, str):
+        skip = (skip,)
+    targets = [(name, m) for name, m in model.named_modules()
+               if isinstance(m, nn.Linear) and not isinstance(m, Linear4bit) and not _matches(name, skip)]
+    for name, linear in tqdm(targets, desc="quantizing to NF4", disable=not progress, unit="layer"):
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, child, Linear4bit.from_linear(linear, compute_dtype=compute_dtype, blocksize=blocksize,
+                                                      double_quant=double_quant, nested_map=nested_map))
+    return model

