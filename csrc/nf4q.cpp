@@ -24,7 +24,7 @@ TORCH_LIBRARY(nf4q, m) {
   // ---- quantization ------------------------------------------------------------------------------
   m.def("quantize_4bit(Tensor A, Tensor code, int blocksize) -> (Tensor packed, Tensor absmax)");
   m.def("dequantize_4bit(" W4 ", ScalarType dtype) -> Tensor");
-  m.def("dequantize_4bit.out(" W4 ", ScalarType dtype, *, Tensor(a!) out) -> Tensor(a!)");
+  m.def("dequantize_4bit.out(" W4 ", ScalarType dtype, *, Tensor(a!) out) -> ()");  // returns nothing: torch.compile can functionalize it
   m.def("quantize_blockwise_8bit(Tensor A, Tensor code, int blocksize) -> (Tensor q, Tensor absmax)");
   m.def("dequantize_blockwise_8bit(Tensor q, Tensor absmax, Tensor code, int blocksize, ScalarType dtype) -> Tensor");
 
@@ -41,4 +41,19 @@ TORCH_LIBRARY(nf4q, m) {
   m.def("lora_gemm_4bit_dx(Tensor grad, " W4 ", Tensor lora_A, Tensor lora_B, float scale) -> Tensor");
 
   // ---- optimizers (schemas added by the optimizer work) ---------------------------------------------
+  // Fused multi-tensor AdamW (decoupled weight decay) over lists of one param dtype; updates in place.
+  m.def("adamw_step(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, Tensor(c!)[] exp_avg_sqs, "
+        "float lr, float beta1, float beta2, float eps, float weight_decay, int step) -> ()");
+  // 8-bit states: uint8 codes into code1 (signed map, m) / code2 (unsigned map, v) times an fp32 absmax
+  // per block of 256 elements (absmax1 for m, absmax2 for v).
+  m.def("adamw8bit_step(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, Tensor(c!)[] exp_avg_sqs, "
+        "Tensor(d!)[] absmax1, Tensor(e!)[] absmax2, Tensor code1, Tensor code2, "
+        "float lr, float beta1, float beta2, float eps, float weight_decay, int step) -> ()");
+  // Paged states: zeroed CUDA managed memory, freed with its last tensor; host_home zeroes it on the host
+  // and hints the host as its home (the page manager prefetches it), else it lives on the device.
+  m.def("managed_zeros(int nbytes, Device device, bool host_home) -> Tensor");
+  // Migrate managed tensors to a device (index >= 0) or to the host (-1), async on the current stream.
+  m.def("prefetch(Tensor[] tensors, int device) -> ()");
+  // [live managed bytes, live managed allocations] of this process.
+  m.def("managed_stats() -> int[]");
 }

@@ -25,6 +25,12 @@ def _(packed, absmax, nested_absmax, nested_code, nested_offset, code, blocksize
     return packed.new_empty(shape, dtype=dtype)
 
 
+@torch.library.register_fake("nf4q::dequantize_4bit.out")
+def _(packed, absmax, nested_absmax, nested_code, nested_offset, code, blocksize, nested_blocksize, shape, dtype, *,
+      out):
+    return None
+
+
 @torch.library.register_fake("nf4q::quantize_blockwise_8bit")
 def _(A, code, blocksize):
     n = A.numel()

@@ -28,9 +28,9 @@ def _blockwise_scale(flat, blocksize):
 def quantize_4bit(A, code, blocksize):
     flat = A.reshape(-1).float()
     absmax, scaled = _blockwise_scale(flat, blocksize)
+    if scaled.numel() % 2:  # an odd tail is padded with a zero value, as bitsandbytes does
+        scaled = torch.cat([scaled, scaled.new_zeros(1)])
     q = torch.bucketize(scaled, _midpoints(code.float())).to(torch.uint8)  # count of midpoints < value
-    if q.numel() % 2:
-        q = torch.cat([q, q.new_zeros(1)])
     return ((q[0::2] << 4) | q[1::2]).view(-1, 1), absmax
 
 

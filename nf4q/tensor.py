@@ -189,11 +189,11 @@ def quantize(w: torch.Tensor, blocksize: int = 64, double_quant: bool = True, ne
     _check_blocksize(blocksize)
     if w.numel() == 0:
         raise ValueError("w is empty: there is nothing to quantize")
-    if not bool(torch.isfinite(w).all()):
-        raise ValueError("w contains NaN or Inf values; NF4 cannot represent them")
     w = w.detach()
     code = nf4_code(w.device)
     packed, absmax = _ops.quantize_4bit(w, code, blocksize)
+    if not bool(torch.isfinite(absmax).all()):  # the kernels give a block with NaN/Inf a NaN absmax
+        raise ValueError("w contains NaN or Inf values; NF4 cannot represent them")
     qw = NF4Weight(packed=packed, absmax=absmax, code=code, shape=w.shape, dtype=w.dtype, blocksize=blocksize)
     if double_quant:
         table = nested_map if isinstance(nested_map, torch.Tensor) else _nested_map(nested_map)

@@ -4,6 +4,8 @@
 #include <ATen/Dispatch.h>
 #include <torch/library.h>
 
+#include <limits>
+
 #include "../common/nf4.h"
 #include "kernels.h"
 
@@ -34,17 +36,34 @@ std::tuple<at::Tensor, at::Tensor> quantize_4bit(const at::Tensor& A_in, const a
     uint8_t* dst = packed.data_ptr<uint8_t>();
     float* am = absmax.data_ptr<float>();
     at::parallel_for(0, blocks, kGrainBlocks, [&](int64_t b0, int64_t b1) {
-      std::vector<uint8_t> q(blocksize);
+      float v[4096];
+      uint8_t q[4096 + 1];
       for (int64_t b = b0; b < b1; ++b) {
         const int64_t start = b * blocksize, len = std::min(blocksize, n - start);
-        float amax = 0.f;
-        for (int64_t i = 0; i < len; ++i) amax = std::max(amax, std::abs(static_cast<float>(src[start + i])));
-        am[b] = amax;
-        const bool partial = len < blocksize;
-        for (int64_t i = 0; i < len; ++i)
-          q[i] = encode4(scale_block(static_cast<float>(src[start + i]), amax, partial), mids);
-        if (len % 2) q[len] = 0;  // the pad nibble of an odd last element
-        for (int64_t i = 0; i < len; i += 2) dst[(start + i) / 2] = pack2(q[i], q[i + 1]);
+        float amax = 0.f, poison = 0.f;
+#pragma omp simd reduction(max : amax) reduction(+ : poison)
+        for (int64_t i = 0; i < len; ++i) {
+          v[i] = static_cast<float>(src[start + i]);
+          amax = std::max(amax, std::abs(v[i]));
+          poison += v[i] * 0.0f;  // NaN if any value is NaN or Inf
+        }
+        // A non-finite block reports a NaN absmax; quantize() turns that into a ValueError.
+        am[b] = poison == 0.0f ? amax : std::numeric_limits<float>::quiet_NaN();
+        if (len < blocksize) {
+          for (int64_t i = 0; i < len; ++i) q[i] = encode4(scale_block(v[i], amax, true), mids);
+          q[len] = encode4(0.0f, mids);  // an odd tail is padded with a zero value, as bitsandbytes does
+        } else {
+          const float inv = 1.0f / std::max(amax, kTinyAbsmax);
+#pragma omp simd
+          for (int64_t i = 0; i < len; ++i) {
+            const float s = clamp_unit(v[i] * inv);
+            int c = 0;
+            for (int j = 0; j < kCodes4 - 1; ++j) c += s > mids[j];
+            q[i] = static_cast<uint8_t>(c);
+          }
+        }
+        uint8_t* out = dst + start / 2;
+        for (int64_t i = 0; i < (len + 1) / 2; ++i) out[i] = pack2(q[2 * i], q[2 * i + 1]);
       }
     });
   });
@@ -106,12 +125,11 @@ at::Tensor dequantize_4bit(NF4Q_W4_PARAMS, at::ScalarType dtype) {
   return out;
 }
 
-at::Tensor& dequantize_4bit_out(NF4Q_W4_PARAMS, at::ScalarType dtype, at::Tensor& out) {
+void dequantize_4bit_out(NF4Q_W4_PARAMS, at::ScalarType dtype, at::Tensor& out) {
   auto w = make_w4(NF4Q_W4_ARGS);
   TORCH_CHECK(out.scalar_type() == dtype && out.is_contiguous() && out.numel() == w.numel && out.device().is_cpu(),
               "nf4q: out must be a contiguous CPU tensor of ", w.numel, " elements and dtype ", dtype);
   dequantize_into(w, out);
-  return out;
 }
 
 }  // namespace

@@ -1,0 +1,153 @@
+import io
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+import nf4q
+from nf4q import _reference as ref
+from conftest import DTYPES, randn
+
+
+def rel_err(y, expect):
+    return ((y.double() - expect).norm() / expect.norm()).item()
+
+
+@pytest.mark.parametrize("M", [1, 3, 4, 5, 64])
+@pytest.mark.parametrize("shape", [(96, 64), (33, 130), (70, 257)])
+@pytest.mark.parametrize("double_quant", [False, True])
+def test_forward_matches_reference(M, shape, double_quant, gen):
+    N, K = shape
+    layer = nf4q.Linear4bit.from_linear(nn.Linear(K, N), double_quant=double_quant)
+    x = randn(2, M, K, generator=gen)
+    expect = ref.gemm_4bit(x, *layer.quantized_weight.op_args(), bias=layer.bias)
+    assert rel_err(layer(x), expect) < 1e-5
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_inputs(dtype, gen):
+    layer = nf4q.Linear4bit(64, 48)
+    x = randn(7, 64, dtype=dtype, generator=gen)
+    y = layer(x)
+    assert y.dtype == dtype
+    assert rel_err(y, ref.gemm_4bit(x, *layer.quantized_weight.op_args(), bias=layer.bias)) < 1e-2
+
+
+def test_backward_matches_reference(gen):
+    layer = nf4q.Linear4bit(65, 31)
+    x = randn(3, 5, 65, generator=gen).requires_grad_()
+    g = randn(3, 5, 31, generator=gen)
+    layer(x).backward(g)
+    w = layer.dequantize(torch.float64)
+    assert rel_err(x.grad, g.double() @ w) < 1e-5
+    assert rel_err(layer.bias.grad, g.double().sum((0, 1))) < 1e-5
+    assert all(p.grad is None for n, p in layer.named_parameters() if n != "bias")
+
+
+def test_gradcheck_input():
+    layer = nf4q.Linear4bit(16, 8)
+    x = torch.randn(3, 16, dtype=torch.float64, requires_grad=True)
+    # the op computes in fp32 on CPU, so compare gradients loosely
+    assert torch.autograd.gradcheck(lambda t: layer(t), (x,), eps=1e-3, atol=1e-3, rtol=1e-3)
+
+
+def test_noncontiguous_input(gen):
+    layer = nf4q.Linear4bit(64, 32)
+    x = randn(8, 128, generator=gen)[:, ::2]
+    assert torch.equal(layer(x), layer(x.contiguous()))
+
+
+def test_compute_dtype(gen):
+    layer = nf4q.Linear4bit(64, 32, compute_dtype=torch.bfloat16)
+    x = randn(4, 64, generator=gen)
+    y = layer(x)
+    assert y.dtype == torch.float32
+    assert 0 < rel_err(y, ref.gemm_4bit(x, *layer.quantized_weight.op_args(), bias=layer.bias)) < 1e-2
+
+
+def test_state_dict_round_trip_torch_save():
+    layer = nf4q.Linear4bit(100, 60)
+    buf = io.BytesIO()
+    torch.save(layer.state_dict(), buf)
+    buf.seek(0)
+    other = nf4q.Linear4bit(100, 60)
+    other.load_state_dict(torch.load(buf))
+    for a, b in zip(layer.state_dict().values(), other.state_dict().values()):
+        assert torch.equal(a, b)
+
+
+def test_state_dict_round_trip_safetensors(tmp_path):
+    layer = nf4q.Linear4bit(100, 60, bias=False)
+    save_file(layer.state_dict(), tmp_path / "w.safetensors")
+    other = nf4q.Linear4bit(100, 60, bias=False)
+    other.load_state_dict(load_file(tmp_path / "w.safetensors"))
+    assert torch.equal(layer.dequantize(), other.dequantize())
+    assert torch.equal(layer.weight, other.weight)
+
+
+def test_unexpected_key_reported():
+    sd = nf4q.Linear4bit(64, 32).state_dict()
+    sd["extra"] = torch.zeros(1)
+    with pytest.raises(RuntimeError, match="extra"):
+        nf4q.Linear4bit(64, 32).load_state_dict(sd)
+
+
+def test_half_cast_keeps_quantized_tensors():
+    layer = nf4q.Linear4bit(64, 32)
+    before = {k: v.clone() for k, v in layer.state_dict().items()}
+    layer.half()
+    assert layer.bias.dtype == torch.float16
+    after = layer.state_dict()
+    for k, v in before.items():
+        if k != "bias":
+            assert after[k].dtype == v.dtype and torch.equal(after[k], v), k
+
+
+def test_quantize_model_replaces_linears():
+    model = nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Sequential(nn.Linear(64, 64)), nn.Linear(64, 8))
+    model.lm_head = nn.Linear(8, 8)
+    x = torch.randn(4, 32)
+    with torch.no_grad():
+        expect = model(x)
+    nf4q.quantize_model(model, skip=("lm_head",), progress=False)
+    assert isinstance(model[0], nf4q.Linear4bit) and isinstance(model[2][0], nf4q.Linear4bit)
+    assert isinstance(model.lm_head, nn.Linear) and not isinstance(model.lm_head, nf4q.Linear4bit)
+    with torch.no_grad():
+        assert rel_err(model(x), expect.double()) < 0.15
+
+
+def test_quantized_weight_view_and_bits():
+    layer = nf4q.Linear4bit(256, 128)
+    qw = layer.quantized_weight
+    assert qw.packed.data_ptr() == layer.weight.data_ptr()
+    assert 4.12 < qw.bits_per_param < 4.13
+    assert "NF4Weight(shape=(128, 256)" in repr(qw)
+
+
+def test_nf4weight_state_dict_prefix(gen):
+    qw = nf4q.quantize(randn(40, 64, generator=gen))
+    sd = qw.state_dict("model.layers.0.mlp.up_proj.")
+    assert set(sd) == {"model.layers.0.mlp.up_proj." + k for k in (
+        "weight", "weight.absmax", "weight.quant_map", "weight.nested_absmax", "weight.nested_quant_map",
+        "weight.quant_state.bitsandbytes__nf4")}
+    back = nf4q.NF4Weight.from_state_dict(sd, "model.layers.0.mlp.up_proj.")
+    assert torch.equal(back.dequantize(), qw.dequantize())
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_nf4weight_keeps_dtype(dtype, gen):
+    qw = nf4q.quantize(randn(16, 64, dtype=dtype, generator=gen))
+    assert qw.dtype == dtype and qw.dequantize().dtype == dtype
+    assert nf4q.NF4Weight.from_state_dict(qw.state_dict()).dtype == dtype
+
+
+def test_torch_compile_matches_eager(gen):
+    model = nn.Sequential(nf4q.Linear4bit(64, 96), nn.GELU(), nf4q.Linear4bit(96, 32))
+    x = randn(5, 64, generator=gen).requires_grad_()
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    y, yc = model(x), compiled(x)
+    torch.testing.assert_close(yc, y)
+    g, = torch.autograd.grad(y.sum(), x)
+    gc, = torch.autograd.grad(yc.sum(), x)
+    torch.testing.assert_close(gc, g)
