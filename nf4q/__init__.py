@@ -1,4 +1,5 @@
 """nf4q: 4-bit NormalFloat quantization with C++/CUDA kernels, a drop-in Linear4bit and paged optimizers."""
+import torch  # noqa: F401  (the extension links against libc10: torch must be loaded first)
 from . import _C  # noqa: F401  (loads the compiled ops first)
 from . import _ops
 from .codebook import dynamic_map, fp8_e4m3_map, nested_map, nf4_code
