@@ -10,9 +10,9 @@ from torch import nn
 
 import nf4q
 
-# Half the widest gap between neighbouring NF4 values (between 0.7230 and 1.0): one requantization moves a
+# Half the widest gap between neighbouring NF4 values (between -1 and -0.6962): one requantization moves a
 # weight by at most this times its block's absmax (plus the 8-bit error of a double-quantized absmax).
-NF4_MAX_ROUNDING = 0.1385
+NF4_MAX_ROUNDING = 0.1519
 
 REQUANT_WARNING = ("merging into an NF4 weight dequantizes, adds and requantizes it: outputs change by the NF4 "
                    "rounding error (each weight moves by up to {:.4f} x its block absmax)".format(NF4_MAX_ROUNDING))
