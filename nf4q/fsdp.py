@@ -104,15 +104,23 @@ def nf4_bytes(model: nn.Module) -> dict:
                 bits_per_param=8.0 * wire / max(numel, 1))
 
 
+def _sharded_params(model: nn.Module):
+    """Every parameter FSDP manages, as its sharded DTensor (even while the module holds the gathered one)."""
+    from torch.distributed.fsdp import FSDPModule
+
+    out = []
+    for m in model.modules():
+        if isinstance(m, FSDPModule):
+            for group in m._get_fsdp_state()._fsdp_param_groups:  # private, but the only place that knows
+                out += [fp.sharded_param for fp in group.fsdp_params]
+    return out
+
+
 def all_gather_bytes(model: nn.Module, param_dtype: Optional[torch.dtype] = None) -> int:
     """Bytes one all-gather of every sharded parameter of `model` produces (world size × padded shard), i.e.
     the traffic of one forward with every FSDP group resharded. Float parameters count in `param_dtype` when set."""
-    from torch.distributed.tensor import DTensor
-
     total = 0
-    for p in model.parameters():
-        if not isinstance(p, DTensor):
-            continue
+    for p in _sharded_params(model):
         world = p.device_mesh.size()
         rows = -(-p.shape[0] // world) * world if p.dim() else 1  # FSDP pads dim 0 to a multiple of world
         esize = p.element_size()

@@ -6,6 +6,7 @@ tests below assert on them: training equality, all-gather bytes = packed size, c
 import math
 import os
 import socket
+import warnings
 
 import pytest
 import torch
@@ -88,11 +89,20 @@ def _maxdiff(a, b):
     return max((_full(a[k]).float() - _full(b[k]).float()).abs().max().item() for k in a)
 
 
+def _sgd_step(model, lr=0.5):
+    """Plain SGD by hand: a torch.optim optimizer's first construction imports torch._dynamo (~5 s per process)."""
+    with torch.no_grad():
+        for p in _trainable(model).values():
+            p.add_(p.grad, alpha=-lr)
+            p.grad = None
+
+
 # ---- the distributed worker -------------------------------------------------------------------------------
 
 def _worker(rank, port, out_dir, backend):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
+    warnings.filterwarnings("ignore", message="FSDP2-wrapped module .* returned a view")  # our logits: no in-place
     device = torch.device(f"cuda:{rank}" if backend == "nccl" else "cpu")
     if device.type == "cuda":
         torch.cuda.set_device(device)
@@ -104,7 +114,8 @@ def _worker(rank, port, out_dir, backend):
         nf4_params = {getattr(m, n) for m in ref.modules() if isinstance(m, nf4q.Linear4bit)
                       for n in nf4q.linear._PARAMS.values() if getattr(m, n) is not None}
         res["float_bytes"] = sum(p.numel() * 4 for p in ref.parameters() if p not in nf4_params)
-        res["root_bytes"] = sum(p.numel() * 4 for m in (ref.norm, ref.head) for p in m.parameters())
+        in_blocks = {p for b in nf4q_fsdp._default_blocks(ref) for p in b.parameters()}
+        res["root_bytes"] = sum(p.numel() * 4 for p in ref.parameters() if p not in in_blocks)
         res["padding"] = sum((-(-p.shape[0] // WORLD) * WORLD - p.shape[0]) * math.prod(p.shape[1:]) * p.element_size()
                              for p in ref.parameters() if p not in nf4q_fsdp.replicated_params(ref))
         nf4q_fsdp.shard_qlora(model)
@@ -115,8 +126,6 @@ def _worker(rank, port, out_dir, backend):
         xs = torch.randn(STEPS + 1, WORLD * 4, 8, D, generator=g).to(device)
         ys = torch.randint(0, 10, (STEPS, WORLD * 4, 8), generator=g).to(device)
         mine = slice(rank * 4, rank * 4 + 4)
-        opt_ref = torch.optim.AdamW(_trainable(ref).values(), lr=1e-2)
-        opt = torch.optim.AdamW(_trainable(model).values(), lr=1e-2)
         res.update(loss_ref=[], loss=[], grad_diff=[], fwd_bytes=[], step_bytes=[], calls=[])
         for step in range(STEPS):
             loss_ref = F.cross_entropy(ref(xs[step]).flatten(0, 1), ys[step].flatten())
@@ -134,10 +143,21 @@ def _worker(rank, port, out_dir, backend):
             res["loss"].append(total.item() / WORLD)
             res["grad_diff"].append(_maxdiff({n: p.grad for n, p in _trainable(ref).items()},
                                              {n: p.grad for n, p in _trainable(model).items()}))
-            for o in (opt_ref, opt):
-                o.step()
-                o.zero_grad()
+            for m in (ref, model):
+                _sgd_step(m)
         res["param_diff"] = _maxdiff(_trainable(ref), _trainable(model))
+
+        # bf16 mixed precision: float parameters are gathered in bf16, NF4 bytes untouched, scales never rounded
+        from torch.distributed.fsdp import MixedPrecisionPolicy
+
+        mpm = nf4q_fsdp.shard_qlora(build(0, device), mp_policy=MixedPrecisionPolicy(param_dtype=torch.bfloat16))
+        meter_mp = nf4q_fsdp.AllGatherMeter.attach(mpm)
+        loss = F.cross_entropy(mpm(xs[0, mine]).float().flatten(0, 1), ys[0, mine].flatten())
+        res["mp_fwd_bytes"], res["mp_expected"] = meter_mp.bytes, nf4q_fsdp.all_gather_bytes(mpm, torch.bfloat16)
+        loss.backward()
+        dist.all_reduce(loss := loss.detach().clone())
+        res["mp_loss"] = loss.item() / WORLD
+        res["mp_grad_dtypes"] = sorted({str(p.grad.dtype) for p in _trainable(mpm).values() if p.grad is not None})
         res["grad_max"] = max(p.abs().max().item() for p in _trainable(ref).values())
 
         # Checkpoints: sharded save -> sharded load into a differently initialised model, and a full
@@ -172,7 +192,9 @@ def _free_port():
 
 def _spawn(tmp_path_factory, backend):
     out = str(tmp_path_factory.mktemp(f"fsdp_{backend}"))
-    mp.spawn(_worker, args=(_free_port(), out, backend), nprocs=WORLD, join=True)
+    # fork shares the parent's imports (they dominate on CPU); CUDA needs spawn. The worker runs one thread.
+    method = "spawn" if backend == "nccl" else "fork"
+    mp.start_processes(_worker, args=(_free_port(), out, backend), nprocs=WORLD, join=True, start_method=method)
     return out, torch.load(os.path.join(out, "results.pt"))
 
 
@@ -207,6 +229,15 @@ def test_all_gather_is_packed_size(gloo_run):
     assert expect < nf4["bf16"] * 0.3 + res["float_bytes"] + res["padding"]
     # backward gathers the blocks again; the root group (norm, head) stays gathered from forward to backward
     assert res["step_bytes"] == [2 * expect - res["root_bytes"]] * STEPS
+
+
+def test_bf16_mixed_precision(gloo_run):
+    res = gloo_run[1]
+    assert res["mp_fwd_bytes"] == res["mp_expected"]  # after forward: the root's group is still gathered
+    float_bf16 = (res["float_bytes"] + res["padding"]) // 2  # every float param is padded fp32 -> bf16
+    assert res["mp_fwd_bytes"] <= res["nf4_exact"]["wire"] + float_bf16 + 8  # NF4 bytes unchanged
+    assert res["mp_loss"] == pytest.approx(res["loss_ref"][0], rel=2e-2)
+    assert res["mp_grad_dtypes"] == ["torch.float32"]  # reduced into the fp32 sharded gradients
 
 
 def test_sharded_checkpoint_round_trip(gloo_run):
