@@ -1,0 +1,148 @@
+"""save_quantized / load_quantized: round trip, the transformers + bitsandbytes layout, and interop both ways."""
+import copy
+import json
+
+import pytest
+import torch
+from torch import nn
+
+import nf4q
+from nf4q.checkpoint import QS_KEY, load_pretrained, quantization_config
+
+transformers = pytest.importorskip("transformers")
+
+SUFFIXES = {"weight", "weight.absmax", "weight.quant_map", "weight.nested_absmax", "weight.nested_quant_map",
+            "weight.quant_state.bitsandbytes__nf4"}
+
+
+def _tiny_llama(path, tie=False, dtype=torch.float32, seed=0):
+    torch.manual_seed(seed)
+    cfg = transformers.LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=160, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=tie)
+    model = transformers.LlamaForCausalLM(cfg).to(dtype)
+    model.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    return _tiny_llama(tmp_path_factory.mktemp("tiny"))
+
+
+@pytest.fixture(scope="module")
+def saved(tiny, tmp_path_factory):
+    return nf4q.save_quantized(tiny, tmp_path_factory.mktemp("out") / "nf4", progress=False)
+
+
+def _ids(seed=1):
+    return torch.randint(0, 96, (2, 11), generator=torch.Generator().manual_seed(seed))
+
+
+def test_round_trip_gives_identical_outputs(tiny, saved):
+    # The in-memory quantized model (quantization is deterministic) against the one loaded from disk.
+    ref = nf4q.quantize_model(load_pretrained(tiny), progress=False)
+    loaded = nf4q.load_quantized(saved)
+    assert isinstance(loaded, transformers.LlamaForCausalLM)
+    assert isinstance(loaded.model.layers[1].mlp.down_proj, nf4q.Linear4bit)
+    assert type(loaded.lm_head) is nn.Linear  # skipped, as transformers + bitsandbytes do
+    with torch.no_grad():
+        assert torch.equal(loaded(_ids()).logits, ref(_ids()).logits)
+    for name, mod in ref.named_modules():
+        if isinstance(mod, nf4q.Linear4bit):
+            got = loaded.get_submodule(name)
+            assert torch.equal(got.weight, mod.weight) and torch.equal(got.weight_absmax, mod.weight_absmax)
+
+
+def test_files_match_the_bitsandbytes_layout(saved):
+    from safetensors import safe_open
+
+    cfg = json.loads((saved / "config.json").read_text())
+    qc = cfg["quantization_config"]
+    expected = transformers.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                               bnb_4bit_use_double_quant=True,
+                                               bnb_4bit_compute_dtype=torch.float32).to_dict()
+    assert set(qc) == set(expected)
+    assert {k: v for k, v in qc.items() if k != "llm_int8_skip_modules"} == \
+        {k: v for k, v in expected.items() if k != "llm_int8_skip_modules"}
+    assert qc["llm_int8_skip_modules"] == ["lm_head"]
+    assert cfg["dtype"] == "float32" and cfg["architectures"] == ["LlamaForCausalLM"]
+    with safe_open(str(saved / "model.safetensors"), "pt") as f:
+        keys = set(f.keys())
+        assert f.metadata() == {"format": "pt"}
+        blob = f.get_tensor("model.layers.0.self_attn.q_proj." + QS_KEY)
+    prefixes = {k[: -len(QS_KEY)] for k in keys if k.endswith(QS_KEY)}
+    assert len(prefixes) == 2 * 7  # q, k, v, o, gate, up, down in each of 2 layers
+    for p in prefixes:
+        assert {k[len(p):] for k in keys if k.startswith(p + "weight")} == SUFFIXES
+    assert "lm_head.weight" in keys and "lm_head.weight.absmax" not in keys
+    meta = json.loads(bytes(blob.numpy()).decode())
+    assert meta == {"quant_type": "nf4", "blocksize": 64, "dtype": "float32", "shape": [64, 64],
+                    "nested_blocksize": 256, "nested_dtype": "float32", "nested_offset": meta["nested_offset"]}
+
+
+def test_literal_config_equals_transformers(tmp_path):
+    for dq, dtype in ((True, torch.bfloat16), (False, torch.float16)):
+        ours = quantization_config(dtype, dq, None)
+        theirs = transformers.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                                 bnb_4bit_use_double_quant=dq, bnb_4bit_compute_dtype=dtype).to_dict()
+        assert ours == theirs
+
+
+def test_transformers_bitsandbytes_loads_ours_and_we_load_theirs(tiny, saved, tmp_path):
+    pytest.importorskip("bitsandbytes")
+    try:
+        bnb_model = transformers.AutoModelForCausalLM.from_pretrained(saved, device_map="cpu")
+    except Exception as e:  # noqa: BLE001  (a bitsandbytes build without a usable CPU backend)
+        pytest.skip(f"transformers + bitsandbytes cannot load 4-bit on this machine: {e}")
+    ours = nf4q.load_quantized(saved)
+    with torch.no_grad():
+        a, b = bnb_model(_ids()).logits, ours(_ids()).logits
+    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    # the other way: a checkpoint that transformers + bitsandbytes quantized and saved loads into nf4q
+    # (transformers cannot re-save a model it loaded pre-quantized, so quantize from the fp32 directory)
+    cfg = transformers.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                          bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=torch.float32)
+    bnb_q = transformers.AutoModelForCausalLM.from_pretrained(tiny, quantization_config=cfg, device_map="cpu")
+    bnb_q.save_pretrained(tmp_path / "bnb")
+    back = nf4q.load_quantized(tmp_path / "bnb")
+    assert isinstance(back.model.layers[0].self_attn.v_proj, nf4q.Linear4bit)
+    with torch.no_grad():
+        torch.testing.assert_close(back(_ids(2)).logits, bnb_q(_ids(2)).logits, rtol=1e-5, atol=1e-5)
+
+
+def test_tied_embeddings_and_bf16(tmp_path):
+    src = _tiny_llama(tmp_path / "tied", tie=True, dtype=torch.bfloat16, seed=3)
+    out = nf4q.save_quantized(src, tmp_path / "tied_nf4", progress=False)
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["dtype"] == "bfloat16" and cfg["quantization_config"]["bnb_4bit_compute_dtype"] == "bfloat16"
+    model = nf4q.load_quantized(out)
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    assert model.model.embed_tokens.weight.dtype == torch.bfloat16
+    ref = nf4q.quantize_model(load_pretrained(src), progress=False, compute_dtype=torch.bfloat16)
+    with torch.no_grad():
+        assert torch.equal(model(_ids()).logits, ref(_ids()).logits)
+
+
+def test_in_memory_model_and_options(tiny, tmp_path):
+    model = load_pretrained(tiny)
+    out = nf4q.save_quantized(copy.deepcopy(model), tmp_path / "o", skip=["down_proj", "lm_head"], blocksize=128,
+                              double_quant=False, progress=False)
+    qc = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert qc["bnb_4bit_use_double_quant"] is False
+    assert set(qc["llm_int8_skip_modules"]) == {"lm_head", "model.layers.0.mlp.down_proj",
+                                                "model.layers.1.mlp.down_proj"}
+    loaded = nf4q.load_quantized(out)
+    assert type(loaded.model.layers[0].mlp.down_proj) is nn.Linear
+    up = loaded.model.layers[0].mlp.up_proj
+    assert up.blocksize == 128 and up.weight_nested_absmax is None
+
+
+def test_errors(tiny, saved, tmp_path):
+    with pytest.raises(nf4q.FormatError, match="quantization_config"):
+        nf4q.load_quantized(tiny)  # a plain model directory
+    with pytest.raises(ValueError, match="already quantized"):
+        nf4q.save_quantized(saved, tmp_path / "again")
+    with pytest.raises(FileNotFoundError, match="config.json"):
+        nf4q.save_quantized(tmp_path, tmp_path / "x")
+    with pytest.raises(TypeError, match="model_or_path"):
+        nf4q.save_quantized(42, tmp_path / "x")
