@@ -14,6 +14,7 @@ Checkpoints: `save_sharded`/`load_sharded` write and read torch.distributed.chec
 are bitsandbytes' (the same as a single-process `model.state_dict()`); `full_state_dict` gathers one on every rank.
 """
 import math
+import os
 from typing import Iterable, Optional, Union
 
 import torch
@@ -168,16 +169,23 @@ class AllGatherMeter(_default_all_gather()):
 
 # ---- checkpoints ------------------------------------------------------------------------------------------
 
-def save_sharded(model: nn.Module, checkpoint_id) -> None:
-    """Write `model.state_dict()` with torch.distributed.checkpoint: each rank writes its shards once; the keys
-    are bitsandbytes' (`dcp_to_torch_save` turns the directory into the single-process state dict)."""
+def save_sharded(model: nn.Module, checkpoint_id, optimizer=None) -> None:
+    """Write `model.state_dict()` with torch.distributed.checkpoint into the directory `checkpoint_id`: each rank
+    writes its own shards; the keys are bitsandbytes' (`dcp_to_torch_save` turns the directory into the
+    single-process state dict). With `optimizer`, its state goes to the subdirectory `optimizer`."""
     import torch.distributed.checkpoint as dcp
 
     dcp.save(model.state_dict(), checkpoint_id=checkpoint_id)
+    if optimizer is not None:
+        from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+        dcp.save({"optim": get_optimizer_state_dict(model, optimizer)},
+                 checkpoint_id=os.path.join(checkpoint_id, "optimizer"))
 
 
-def load_sharded(model: nn.Module, checkpoint_id, strict: bool = True):
-    """Read a `save_sharded` directory into `model` (sharded or not), in place; returns load_state_dict's result."""
+def load_sharded(model: nn.Module, checkpoint_id, optimizer=None, strict: bool = True):
+    """Read a `save_sharded` directory into `model` (sharded or not, any world size) in place, and into
+    `optimizer` when given; returns load_state_dict's result."""
     import torch.distributed.checkpoint as dcp
 
     sd = model.state_dict()
@@ -187,7 +195,14 @@ def load_sharded(model: nn.Module, checkpoint_id, strict: bool = True):
         if key.endswith(QS_KEY) and key in saved:
             sd[key] = torch.empty(tuple(saved[key].size), dtype=torch.uint8)
     dcp.load(sd, checkpoint_id=checkpoint_id)
-    return model.load_state_dict(sd, strict=strict)
+    result = model.load_state_dict(sd, strict=strict)
+    if optimizer is not None:
+        from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
+
+        osd = {"optim": get_optimizer_state_dict(model, optimizer)}
+        dcp.load(osd, checkpoint_id=os.path.join(checkpoint_id, "optimizer"))
+        set_optimizer_state_dict(model, optimizer, osd["optim"])
+    return result
 
 
 def full_state_dict(model: nn.Module, cpu: bool = True) -> dict:

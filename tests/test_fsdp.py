@@ -155,6 +155,17 @@ def _worker(rank, port, out_dir, backend):
             fresh2 = nf4q_fsdp.shard_qlora(build(7, device))
             nf4q_fsdp.load_full_state_dict(fresh2, ref.state_dict())
             res["load_full_diff"] = (fresh2(x_test) - y_ref).abs().max().item()
+        # with an optimizer (its state is sharded like the LoRA weights it belongs to)
+        opt = torch.optim.AdamW(_trainable(model).values(), lr=1e-3)
+        model(x_test).sum().backward()
+        opt.step()
+        nf4q_fsdp.save_sharded(model, ckpt + "_opt", optimizer=opt)
+        fresh3 = nf4q_fsdp.shard_qlora(build(9, device))
+        opt3 = torch.optim.AdamW(_trainable(fresh3).values(), lr=1e-3)
+        nf4q_fsdp.load_sharded(fresh3, ckpt + "_opt", optimizer=opt3)
+        res["optim_diff"] = max(_maxdiff(opt.state[p], opt3.state[q])
+                                for p, q in zip(_trainable(model).values(), _trainable(fresh3).values()))
+        res["optim_params_diff"] = _maxdiff(_trainable(model), _trainable(fresh3))
         full = nf4q_fsdp.full_state_dict(model)
         res["full_sd_keys_equal"] = list(full) == list(ref.state_dict())
         if rank == 0:
@@ -227,6 +238,7 @@ def test_sharded_checkpoint_round_trip(gloo_run):
     assert res["load_diff"] == 0.0
     assert res["load_full_diff"] < 1e-5
     assert res["full_sd_keys_equal"]
+    assert res["optim_diff"] == 0.0 and res["optim_params_diff"] == 0.0
 
 
 def test_sharded_checkpoint_reassembles_to_bnb_keys(gloo_run, tmp_path):
