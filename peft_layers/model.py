@@ -141,6 +141,7 @@ class PeftModel(nn.Module):
             if config.peft_type == "PREFIX_TUNING":
                 cache_argument(model)  # raises for models without a KV cache
                 fill_prompt_learning_config(config, model, kv_heads=True)
+                config.encoder_hidden_size = config.encoder_hidden_size or config.token_dim
                 # a checkpoint holds the projected prefix: load it directly, as PEFT does in inference mode
                 project = config.prefix_projection and not config.inference_mode and not _from_file
                 encoder = PrefixEncoder(config, project, device=device)

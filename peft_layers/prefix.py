@@ -20,7 +20,7 @@ class PrefixEncoder(nn.Module):
         self.projection = projection
         out = config.num_layers * 2 * config.token_dim
         if projection:
-            hidden = config.encoder_hidden_size or config.token_dim
+            hidden = config.encoder_hidden_size
             self.embedding = nn.Embedding(config.num_virtual_tokens, config.token_dim, device=device)
             self.transform = nn.Sequential(nn.Linear(config.token_dim, hidden, device=device), nn.Tanh(),
                                            nn.Linear(hidden, out, device=device))
@@ -120,16 +120,19 @@ def generation_hook(encoder: PrefixEncoder, config: PrefixTuningConfig, model: n
     def hook(module, args, kwargs):
         ref = kwargs.get("input_ids") if kwargs.get("input_ids") is not None else kwargs.get("inputs_embeds")
         cache = cache_of(kwargs)
-        kv = prefix_key_values(encoder, config, ref.shape[0], model_dtype(model))
-        if cache is None:
-            kwargs[key] = cache = build_cache(kv, frozen=True)
-        elif cache.get_seq_length() == 0:
-            for i, (k, v) in enumerate(kv):
-                cache.update(k, v, i)
+        if cache is None or cache.get_seq_length() == 0:  # first step: the prefix goes in
+            kv = prefix_key_values(encoder, config, ref.shape[0], model_dtype(model))
+            if cache is None:
+                kwargs[key] = cache = build_cache(kv, frozen=True)
+            else:
+                for i, (k, v) in enumerate(kv):
+                    cache.update(k, v, i)
         past, cur = cache.get_seq_length(), ref.shape[1]
         mask = kwargs.get("attention_mask")
         if mask is not None and mask.dim() == 2 and mask.shape[1] + n == past + cur:
             kwargs["attention_mask"] = extend_mask(mask, n)
+        if kwargs.get("position_ids") is not None:  # generate counts without the prefix; forward() shifts them
+            kwargs["position_ids"] = kwargs["position_ids"] + n
         return args, kwargs
 
     return hook

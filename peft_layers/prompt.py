@@ -99,7 +99,8 @@ def prompt_forward(model: nn.Module, encoder: PromptEmbedding, config: PromptTun
     batch = inputs_embeds.shape[0]
     drop_unsupported(kwargs)
     if labels is not None:
-        labels = torch.cat([labels.new_full((batch, n), -100), labels], dim=1)
+        if config.task_type == "CAUSAL_LM":  # token labels line up with the lengthened sequence
+            labels = torch.cat([labels.new_full((batch, n), -100), labels], dim=1)
         kwargs["labels"] = labels
     inputs_embeds = torch.cat([encoder(batch).to(inputs_embeds.dtype), inputs_embeds], dim=1)
     return model(inputs_embeds=inputs_embeds, attention_mask=extend_mask(attention_mask, n), **kwargs)
@@ -127,7 +128,9 @@ def generation_hook(encoder: PromptEmbedding, word_embeddings: nn.Module):
         mask = kwargs.get("attention_mask")
         if mask is not None and mask.dim() == 2 and mask.shape[1] + n == past + cur:
             kwargs["attention_mask"] = extend_mask(mask, n)
-        drop_unsupported(kwargs)
+        # generate counts positions without the prompt; the model's own count from the cache is forward()'s
+        kwargs.pop("position_ids", None)
+        kwargs.pop("token_type_ids", None)
         return args, kwargs
 
     return hook
