@@ -136,7 +136,7 @@ def cmd_inspect(args) -> int:
 
     path = Path(args.path)
     originals = _Originals(args.original) if args.original else None
-    rows, problems, totals = [], [], {"nf4": [0, 0], "other": [0, 0]}
+    rows, problems, totals = [], [], {"nf4": [0, 0, 0.0], "other": [0, 0]}
     for f in _safetensors_files(path):
         handle = _open(f)
         keys = list(handle.keys())
@@ -153,9 +153,10 @@ def cmd_inspect(args) -> int:
             nbytes = sum(t.numel() * t.element_size() for t in sd.values())
             totals["nf4"][0] += qw.numel()
             totals["nf4"][1] += nbytes
+            totals["nf4"][2] += qw.bits_per_param * qw.numel()
             row = {"tensor": name, "shape": "x".join(map(str, qw.shape)), "format": "nf4",
                    "blocksize": qw.blocksize, "double quant": _nested_name(qw.nested_code) if qw.double_quant else "no",
-                   "bits/param": f"{qw.bits_per_param:.3f}", "bytes": _size(nbytes)}
+                   "bits/param": f"{qw.bits_per_param:.3f}", "stored": _size(nbytes)}
             if args.check:
                 st = _check_stats(qw, originals.get(name) if originals else None)
                 if not st["finite"]:
@@ -163,7 +164,7 @@ def cmd_inspect(args) -> int:
                     row["check"] = "NON-FINITE"
                 else:
                     row.update({"mean": f"{st['mean']:+.2e}", "std": f"{st['std']:.2e}",
-                                "max|w|": f"{st['absmax']:.3g}", "code entropy": f"{st['entropy']:.2f} b"})
+                                "max abs": f"{st['absmax']:.3g}", "code entropy": f"{st['entropy']:.2f} b"})
                     if "rel_err" in st:
                         row.update({"rel. error": f"{st['rel_err']:.4f}", "max error": f"{st['max_err']:.3g}"})
                     elif originals is not None:
@@ -179,14 +180,14 @@ def cmd_inspect(args) -> int:
             if args.all or not prefixes:
                 rows.append({"tensor": key, "shape": "x".join(map(str, shape)), "format": dtype.lower(),
                              "blocksize": "", "double quant": "", "bits/param": f"{8 * itemsize:.3f}",
-                             "bytes": _size(numel * itemsize)})
+                             "stored": _size(numel * itemsize)})
     _print_table(rows)
-    n_q, b_q = totals["nf4"]
+    n_q, b_q, bits = totals["nf4"]
     n_o, b_o = totals["other"]
     print()
-    if n_q:
-        print(f"{sum(r['format'] == 'nf4' for r in rows)} NF4 tensors: {n_q / 1e6:.2f}M parameters in {_size(b_q)} "
-              f"({8 * b_q / n_q:.3f} bits/param)")
+    if n_q:  # bits/param counts codes + scales; "stored" adds the per-tensor tables and the JSON quant state
+        print(f"{sum(r['format'] == 'nf4' for r in rows)} NF4 tensors: {n_q / 1e6:.2f}M parameters at "
+              f"{bits / n_q:.3f} bits/param, {_size(b_q)} stored ({8 * b_q / n_q:.3f} bits/param with tables)")
     print(f"other tensors: {n_o / 1e6:.2f}M parameters in {_size(b_o)}"
           + ("" if args.all or not n_q else " (listed with --all)"))
     cfg = path / "config.json" if path.is_dir() else None
@@ -217,7 +218,7 @@ def _print_table(rows):
 
 # ---- bench -----------------------------------------------------------------------------------------------
 
-BENCHMARKS = ("bench_quant", "bench_linear", "bench_qlora", "bench_optim")
+BENCHMARKS = ("bench_quant", "bench_dequant", "bench_linear", "bench_qlora", "bench_optim")
 
 
 def _environment() -> dict:
@@ -248,49 +249,96 @@ def _environment() -> dict:
     return env
 
 
+class _Counting:
+    """stdout wrapper that notes whether a benchmark printed anything (if not, its returned rows get printed)."""
+
+    def __init__(self, stream):
+        self.stream, self.wrote = stream, False
+
+    def write(self, text):
+        self.wrote = self.wrote or bool(text.strip())
+        return self.stream.write(text)
+
+    def __getattr__(self, name):
+        return getattr(self.stream, name)
+
+
+def _run_benchmark(mod, name, quick, tmp):
+    """Call a benchmark's main() with --quick/--csv when its parser has them (read from its source); mains that
+    parse sys.argv themselves see only those flags. Returns its rows: the returned list, else its CSV."""
+    import contextlib
+    import csv
+    import inspect
+
+    try:
+        src = inspect.getsource(mod)
+    except (OSError, TypeError):
+        src = ""
+    csv_path = Path(tmp) / f"{name}.csv"
+    argv = (["--quick"] if quick and '"--quick"' in src else []) + (["--csv", str(csv_path)] if '"--csv"' in src
+                                                                    else [])
+    old_argv, sys.argv = sys.argv, [f"benchmarks/{name}.py", *argv]
+    out = _Counting(sys.stdout)
+    try:
+        with contextlib.redirect_stdout(out):
+            result = mod.main(argv) if inspect.signature(mod.main).parameters else mod.main()
+    finally:
+        sys.argv = old_argv
+    if isinstance(result, list) and result and all(isinstance(r, dict) for r in result):
+        if not out.wrote:
+            _print_table(result)
+        return result
+    if csv_path.is_file():
+        with open(csv_path, newline="") as f:
+            return list(csv.DictReader(f))
+    return []
+
+
 def cmd_bench(args) -> int:
     import csv
     import importlib
-    import inspect
+    import tempfile
 
-    names = args.only or list(BENCHMARKS)
+    import torch
+
     print("# nf4q bench\n")
     _print_table([{"": k, "value": v} for k, v in _environment().items()])
     collected, failed = [], []
-    for name in names:
-        try:
-            mod = importlib.import_module(f"benchmarks.{name}")
-        except ModuleNotFoundError as e:
-            if e.name in (f"benchmarks.{name}", "benchmarks"):
-                print(f"\n## {name}\n\nskipped: benchmarks/{name}.py is not present in this install")
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in args.only or BENCHMARKS:
+            print(f"\n## {name}\n", flush=True)
+            try:
+                mod = importlib.import_module(f"benchmarks.{name}")
+                if not callable(getattr(mod, "main", None)):
+                    print(f"skipped: benchmarks/{name}.py has no main()")
+                    continue
+                rows = _run_benchmark(mod, name, args.quick, tmp)
+            except ModuleNotFoundError as e:
+                if e.name not in (f"benchmarks.{name}", "benchmarks"):
+                    raise
+                print(f"skipped: benchmarks/{name}.py is not present in this install")
                 continue
-            raise CliError(f"benchmarks.{name} needs a missing module: {e.name}") from None
-        fn = getattr(mod, "main", None)
-        print(f"\n## {name}\n", flush=True)
-        if fn is None:
-            print(f"skipped: benchmarks/{name}.py has no main()")
-            continue
-        try:  # an argparse main gets [] so that it does not parse nf4q's own arguments
-            result = fn([]) if inspect.signature(fn).parameters else fn()
-        except SystemExit as e:
-            result = None
-            if e.code not in (0, None):
-                failed.append(f"{name} exited with status {e.code}")
-        except Exception as e:  # noqa: BLE001  (one broken benchmark must not hide the others)
-            failed.append(f"{name}: {type(e).__name__}: {e}")
-            print(f"failed: {type(e).__name__}: {e}")
-            continue
-        if isinstance(result, list) and result and all(isinstance(r, dict) for r in result):
-            _print_table(result)
-            collected += [{"bench": name, **r} for r in result]
+            except SystemExit as e:  # argparse errors, or "needs a GPU" messages
+                if isinstance(e.code, str):
+                    print(f"skipped: {e.code}")
+                elif e.code:
+                    failed.append(f"{name} exited with status {e.code}")
+                continue
+            except Exception as e:  # noqa: BLE001  (one broken benchmark must not hide the others)
+                if not torch.cuda.is_available() and any(w in str(e).lower() for w in ("cuda", "nvidia", "gpu")):
+                    print(f"skipped: needs a CUDA GPU ({type(e).__name__}: {str(e).splitlines()[0][:120]})")
+                else:
+                    print(f"failed: {type(e).__name__}: {e}")
+                    failed.append(f"{name}: {type(e).__name__}: {e}")
+                continue
+            collected += [{"bench": name, **r} for r in rows]
     if args.csv:
         cols = list(dict.fromkeys(k for r in collected for k in r))
         with open(args.csv, "w", newline="") as f:
             writer = csv.DictWriter(f, fieldnames=cols or ["bench"])
             writer.writeheader()
             writer.writerows(collected)
-        print(f"\nwrote {len(collected)} rows to {args.csv}"
-              + ("" if collected else " (the benchmarks returned no rows, only printed tables)"))
+        print(f"\nwrote {len(collected)} rows to {args.csv}")
     if failed:
         raise CliError("; ".join(failed))
     return EXIT_OK
@@ -352,6 +400,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "the available device and prints a markdown table with hardware and versions.")
     p.add_argument("--csv", metavar="FILE", help="also write the rows as CSV")
     p.add_argument("--only", nargs="+", metavar="NAME", choices=BENCHMARKS, help="run only these")
+    p.add_argument("--quick", action="store_true", help="pass --quick to the benchmarks that have it")
     p.set_defaults(func=cmd_bench)
     return parser
 

@@ -168,8 +168,8 @@ def run(model_path=None, steps=30, batch_size=16, lr=2e-3, rank=8, alpha=16, dev
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
 
-    def say(msg=""):
-        print(msg, file=out, flush=True)
+    def say(msg="", stamp=False):  # stamp: the elapsed time, so that users see where the time goes
+        print(f"{msg}  [{time.perf_counter() - start:.1f} s]" if stamp else msg, file=out, flush=True)
 
     torch.manual_seed(seed)
     dev = _pick_device(device)
@@ -187,7 +187,7 @@ def run(model_path=None, steps=30, batch_size=16, lr=2e-3, rank=8, alpha=16, dev
     n_params = sum(p.numel() for p in fp32.parameters())
     n_linear = sum(m.weight.numel() for m in linears)
     say(f"[1/4] loaded {type(fp32).__name__}: {n_params / 1e6:.1f}M parameters, {n_linear / 1e6:.1f}M of them in "
-        f"{len(linears)} Linear layers ({time.perf_counter() - start:.1f} s)")
+        f"{len(linears)} Linear layers", stamp=True)
 
     # ---- quantize ----
     compute_dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
@@ -198,7 +198,7 @@ def run(model_path=None, steps=30, batch_size=16, lr=2e-3, rank=8, alpha=16, dev
     w_bytes = sum(m.weight.numel() * m.weight.element_size() for m in linears)
     bits = 8 * q_bytes / n_linear
     before, after = weight_bytes(fp32), weight_bytes(model)
-    say(f"[2/4] quantized {len(q_layers)} Linear layers to NF4 (blocksize 64, double quant)")
+    say(f"[2/4] quantized {len(q_layers)} Linear layers to NF4 (blocksize 64, double quant)", stamp=True)
     say(f"      memory  : model {before / 2**20:.1f} MiB -> {after / 2**20:.1f} MiB ({before / after:.2f}x smaller); "
         f"Linear weights {w_bytes / 2**20:.1f} MiB -> {q_bytes / 2**20:.1f} MiB")
     say(f"      bits/param of the quantized weights: {bits:.3f} (fp32: 32, bf16: 16)")
@@ -211,7 +211,7 @@ def run(model_path=None, steps=30, batch_size=16, lr=2e-3, rank=8, alpha=16, dev
     got = embed.encode(model, FIDELITY_SENTENCES)
     cos = (ref * got).sum(-1)
     say(f"[3/4] fidelity: cosine(fp32, NF4) of the sentence embeddings over {len(cos)} sentences: "
-        f"mean {cos.mean():.4f}, min {cos.min():.4f}")
+        f"mean {cos.mean():.4f}, min {cos.min():.4f}", stamp=True)
     del fp32
 
     # ---- QLoRA fine-tune ----
@@ -228,7 +228,7 @@ def run(model_path=None, steps=30, batch_size=16, lr=2e-3, rank=8, alpha=16, dev
     say(f"      task: sentiment of short reviews; {len(train_x)} training sentences, {len(test_x)} test sentences "
         f"with unseen items, adjectives and templates")
     acc0, loss0 = evaluate(peft, head, embed, test_x, test_y)
-    say(f"      before: test accuracy {100 * acc0:.1f}%, test loss {loss0:.4f}")
+    say(f"      before: test accuracy {100 * acc0:.1f}%, test loss {loss0:.4f}", stamp=True)
 
     opt = torch.optim.AdamW([{"params": adapters}, {"params": head.parameters(), "lr": lr / 4}], lr=lr,
                             weight_decay=0.0)
@@ -250,8 +250,8 @@ def run(model_path=None, steps=30, batch_size=16, lr=2e-3, rank=8, alpha=16, dev
     first = sum(losses[:5]) / max(len(losses[:5]), 1)
     last = sum(losses[-5:]) / max(len(losses[-5:]), 1)
     say(f"      train loss: {first:.4f} (first 5 steps) -> {last:.4f} (last 5 steps), {steps} steps of "
-        f"{batch_size}")
-    say(f"      after : test accuracy {100 * acc1:.1f}%, test loss {loss1:.4f}")
+        f"{batch_size}", stamp=True)
+    say(f"      after : test accuracy {100 * acc1:.1f}%, test loss {loss1:.4f}", stamp=True)
     elapsed = time.perf_counter() - start
     say(f"done in {elapsed:.1f} s")
     return {"fidelity_mean": cos.mean().item(), "fidelity_min": cos.min().item(), "bits_per_param": bits,
