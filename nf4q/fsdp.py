@@ -18,7 +18,6 @@ import os
 from typing import Iterable, Optional, Union
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
 from .linear import Linear4bit
@@ -52,6 +51,8 @@ def shard_qlora(model: nn.Module, blocks: Union[None, type, tuple, Iterable[nn.M
     `blocks`: the modules to wrap, or a module class (or tuple of classes) to wrap every instance of; by default
     the layers of the largest nn.ModuleList that holds Linear4bit modules. One FSDP group per block means one
     all-gather per block in forward and one in backward, with every NF4 tensor of the block in the same buffer.
+    Blocks, not single Linear4bit layers: peft_layers' fused QLoRA forward reads the base layer's tensors
+    without calling its forward, so only a group around the whole block is sure to be gathered in time.
     `reshard_after_forward` left None keeps FSDP's default: blocks free their gathered weights after forward
     and gather again in backward, the root keeps its own. Other keyword arguments go to `fully_shard`.
     """
@@ -230,6 +231,3 @@ def load_full_state_dict(model: nn.Module, state_dict: dict, strict: bool = True
         sd[key] = value
     return model.load_state_dict(sd, strict=strict)
 
-
-def is_rank0() -> bool:
-    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0

@@ -92,16 +92,6 @@ class Linear4bit(nn.Module):
         return self
 
     # ---- bitsandbytes-compatible state dict ---------------------------------------------------
-    def _same_layout(self, qw: NF4Weight) -> bool:
-        """True when `qw` fits this module's parameters as they are (same tensors, shapes, dtypes, blocks)."""
-        if (qw.blocksize, qw.nested_blocksize, qw.dtype) != (self.blocksize, self.nested_blocksize, self.weight_dtype):
-            return False
-        for fieldname, pname in _PARAMS.items():
-            t, p = getattr(qw, fieldname), getattr(self, pname)
-            if (t is None) != (p is None) or (t is not None and (t.shape != p.shape or t.dtype != p.dtype)):
-                return False
-        return True
-
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         sd = self.quantized_weight.state_dict(prefix)
         for key, value in sd.items():
@@ -117,14 +107,7 @@ class Linear4bit(nn.Module):
         else:
             device = self.weight.device
             qw = NF4Weight.from_state_dict(own, prefix).to(device)
-            if self._same_layout(qw):
-                # Copy in place: FSDP2 (sharded DTensor params) and optimizers hold these Parameter objects.
-                with torch.no_grad():
-                    for fieldname, pname in _PARAMS.items():
-                        if getattr(qw, fieldname) is not None:
-                            getattr(self, pname).copy_(getattr(qw, fieldname))
-            else:
-                self.set_quantized(qw)
+            self.set_quantized(qw)
         if self.bias is not None:
             if prefix + "bias" in state_dict:
                 with torch.no_grad():
