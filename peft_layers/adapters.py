@@ -49,6 +49,7 @@ class BottleneckAdapterLayer(TunerLayer):
         self.non_linearity[adapter_name] = config.non_linearity
         if self.active_adapter is None:
             self.active_adapter = adapter_name
+        self._follow_mode()
 
     def delete_adapter(self, adapter_name: str) -> None:
         del self.adapter_down[adapter_name], self.adapter_up[adapter_name], self.non_linearity[adapter_name]

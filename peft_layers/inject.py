@@ -140,6 +140,7 @@ class TunerLayer(nn.Module):
     def __init__(self, base_layer: nn.Module):
         super().__init__()
         self.base_layer = base_layer
+        self.training = base_layer.training  # new adapter modules follow via _follow_mode
         self.active_adapter: Optional[str] = None
         self.disabled = False
         self.merged_adapters: List[str] = []
@@ -161,6 +162,12 @@ class TunerLayer(nn.Module):
 
     def set_adapter(self, name: str) -> None:
         self.active_adapter = name
+
+    def _follow_mode(self) -> None:
+        """Put freshly created adapter modules (dropout!) in this layer's train/eval mode."""
+        for m in self.children():
+            if m is not self.base_layer:
+                m.train(self.training)
 
     def adapter_parameters(self, name: str) -> Iterable[nn.Parameter]:
         return [p for p in self.adapter_state_dict(name).values() if isinstance(p, nn.Parameter)]

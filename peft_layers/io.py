@@ -87,7 +87,7 @@ def load_pretrained(cls, model, directory: str, adapter_name: str, is_trainable:
     except ValueError:
         peft_model.unload()  # leave the caller's model as it was
         raise
-    return peft_model
+    return peft_model if is_trainable else peft_model.eval()
 
 
 def load_into(peft_model, directory: str, adapter_name: str, is_trainable: bool = False) -> None:

@@ -49,6 +49,7 @@ class LoRALayer(TunerLayer):
         self.scaling[adapter_name] = lora_scaling(config.r, config.lora_alpha, config.use_rslora)
         if self.active_adapter is None:
             self.active_adapter = adapter_name
+        self._follow_mode()
 
     def delete_adapter(self, adapter_name: str) -> None:
         for d in (self.lora_A, self.lora_B, self.lora_dropout):

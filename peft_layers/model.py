@@ -74,6 +74,7 @@ class PeftModel(nn.Module):
             self.base_model = TunerModel(model)
         model.requires_grad_(False)
         self.add_adapter(adapter_name, config, tokenizer=tokenizer, _from_file=_from_file)
+        self.train(model.training)  # keep the wrapped model's mode
 
     # ---- plumbing ------------------------------------------------------------------------------------
     def __getattr__(self, name):
@@ -149,7 +150,7 @@ class PeftModel(nn.Module):
             else:
                 fill_prompt_learning_config(config, model)
                 encoder = PromptEmbedding(config, model.get_input_embeddings(), tokenizer)
-            self.prompt_encoder[adapter_name] = encoder
+            self.prompt_encoder[adapter_name] = encoder.train(self.training)
         else:
             INJECTORS[config.peft_type](model, config, adapter_name)
         wrap_modules_to_save(model, config.modules_to_save, adapter_name)
