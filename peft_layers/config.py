@@ -2,7 +2,7 @@
 `peft_type`, so a file written here loads in `peft` and the reverse (bottleneck adapters, which PEFT lacks,
 use the same layout with our own peft_type)."""
 import copy
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, fields
 from typing import ClassVar, Dict, List, Optional, Union
 
 Targets = Optional[Union[str, List[str]]]

@@ -6,7 +6,6 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 import nf4q
 from peft_helpers import (MODELS, TwoLayer, batch, changed_names, logits, perturb_adapter, snapshot, tiny_bert,
@@ -35,7 +34,6 @@ CASES = {
                      r"\.adapter_(up|down)\.default\."),
     "bert-houlsby": ("bert", lambda: AdapterConfig(), adapter_count(32, 16, 4), r"\.adapter_(up|down)\.default\."),
     "llama-prompt": ("llama", lambda: PromptTuningConfig(num_virtual_tokens=NVT), NVT * 32, r"^prompt_encoder\."),
-    "gpt2-prompt": ("gpt2", lambda: PromptTuningConfig(num_virtual_tokens=NVT), NVT * 32, r"^prompt_encoder\."),
     "bert-prompt": ("bert", lambda: PromptTuningConfig(num_virtual_tokens=NVT), NVT * 32, r"^prompt_encoder\."),
     # Llama has 2 KV heads of 8: the prefix is [nvt, layers · 2 · 16]
     "llama-prefix": ("llama", lambda: PrefixTuningConfig(num_virtual_tokens=NVT), NVT * 2 * 2 * 16,
@@ -207,9 +205,11 @@ def greedy(model, ids, n):
     return cur
 
 
-@pytest.mark.parametrize("make", [lambda: PromptTuningConfig(num_virtual_tokens=NVT),
-                                  lambda: PrefixTuningConfig(num_virtual_tokens=NVT)], ids=["prompt", "prefix"])
-@pytest.mark.parametrize("use_cache", [True, False])
+@pytest.mark.parametrize("make, use_cache", [
+    (lambda: PromptTuningConfig(num_virtual_tokens=NVT), True),
+    (lambda: PrefixTuningConfig(num_virtual_tokens=NVT), True),
+    (lambda: PrefixTuningConfig(num_virtual_tokens=NVT), False),  # no cache: a frozen prefix cache every step
+], ids=["prompt", "prefix", "prefix-no-cache"])
 def test_generate_matches_greedy_forward(make, use_cache):
     model = get_peft_model(tiny_llama(), make())
     perturb_adapter(model, scale=1.0)
