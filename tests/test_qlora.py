@@ -196,7 +196,18 @@ def mlp(seed=0):
                          QLoRALinear.from_linear(nn.Linear(48, 32), r=4))
 
 
-def test_gradient_checkpointing_over_a_block():
+def test_forward_changes_no_python_state():
+    layer = make_layer(lora_dropout=0.2)
+    state = lambda m: {k: v for k, v in vars(m).items() if not k.startswith("_")}  # noqa: E731
+    for mode in (True, False):
+        layer.train(mode)
+        before = [copy.copy(state(m)) for m in layer.modules()]
+        layer(torch.randn(3, 72)).sum().backward()
+        assert before == [state(m) for m in layer.modules()]
+
+
+@pytest.mark.parametrize("use_reentrant", [False, True])
+def test_gradient_checkpointing_over_a_block(use_reentrant):
     model = mlp()
     for m in model:
         if isinstance(m, QLoRALinear):
@@ -206,7 +217,7 @@ def test_gradient_checkpointing_over_a_block():
     plain = [p.grad.clone() for p in model.parameters() if p.requires_grad] + [x.grad.clone()]
     model.zero_grad()
     x.grad = None
-    checkpoint(model, x, use_reentrant=False).square().sum().backward()
+    checkpoint(model, x, use_reentrant=use_reentrant).square().sum().backward()
     ckpt = [p.grad for p in model.parameters() if p.requires_grad] + [x.grad]
     assert len(plain) == 7
     for a, b in zip(plain, ckpt):
