@@ -1,0 +1,106 @@
+"""One QLoRA layer, forward + backward (dx, dA, dB): bf16 base + LoRA (torch), bitsandbytes matmul_4bit + LoRA,
+and nf4q's lora_gemm_4bit op (issue 4's list: M in {512, 2048, 4096, 8192}, K->N in {4096->4096,
+4096->14336, 14336->4096, 8192->28672}, r in {8, 16, 64}).
+
+    python -m benchmarks.bench_qlora [--quick] [--csv PATH]
+
+`× bf16` is nf4q's time over the bf16+LoRA time (the target is <= 0.95 at M = 4096). `concat µs` / `beta µs`
+force nf4q's two large-M strategies (NF4Q_CUDA_LORA). `peak MiB` is the extra memory one step allocates.
+"""
+import argparse
+import os
+
+import torch
+import torch.nn.functional as F
+
+import nf4q
+from nf4q import _ops
+from benchmarks.utils import bench_us, bnb_or_none, environment, markdown_table, write_csv
+
+SHAPES = [(4096, 4096), (4096, 14336), (14336, 4096), (8192, 28672)]  # (K in, N out)
+MS = [512, 2048, 4096, 8192]
+RANKS = [8, 16, 64]
+
+
+def step_fn(layer, x, A, B, gy):
+    def step():
+        y = layer(x)
+        return torch.autograd.grad(y, (x, A, B), gy)
+    return step
+
+
+def forced(path, fn):
+    def run():
+        os.environ["NF4Q_CUDA_LORA"] = path
+        try:
+            return fn()
+        finally:
+            os.environ.pop("NF4Q_CUDA_LORA", None)
+    return run
+
+
+def peak_mib(fn):
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    fn()
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated() - base) / 2**20
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--quick", action="store_true", help="M = 4096 and r = 16 only")
+    ap.add_argument("--csv", default=None)
+    args = ap.parse_args()
+    ms, ranks = ([4096], [16]) if args.quick else (MS, RANKS)
+    bnb = bnb_or_none()
+    torch.manual_seed(0)
+    rows = []
+    for K, N in SHAPES:
+        W = torch.randn(N, K, device="cuda", dtype=torch.bfloat16) * 0.02
+        w4 = nf4q.quantize(W, blocksize=64, double_quant=True).op_args()
+        if bnb is not None:
+            bq, st = bnb.functional.quantize_4bit(W, blocksize=64, compress_statistics=True, quant_type="nf4")
+        for r in ranks:
+            A = (torch.randn(r, K, device="cuda", dtype=torch.bfloat16) * 0.02).requires_grad_()
+            B = (torch.randn(N, r, device="cuda", dtype=torch.bfloat16) * 0.02).requires_grad_()
+            s = 2.0
+            lora = lambda x: s * F.linear(F.linear(x, A), B)  # noqa: E731
+            layers = {"bf16": lambda x: F.linear(x, W) + lora(x),
+                      "nf4q": lambda x: _ops.lora_gemm_4bit(x, *w4, lora_A=A, lora_B=B, scale=s)}
+            if bnb is not None:
+                layers["bnb"] = lambda x: bnb.matmul_4bit(x, bq.t(), quant_state=st) + lora(x)
+            for M in ms:
+                x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+                gy = torch.randn(M, N, device="cuda", dtype=torch.bfloat16)
+                row = {"shape": f"{K}->{N}", "r": r, "M": M}
+                for name, layer in layers.items():
+                    fn = step_fn(layer, x, A, B, gy)
+                    row[f"{name}_us"] = bench_us(fn)
+                    row[f"{name}_peak_MiB"] = peak_mib(fn)
+                nf = step_fn(layers["nf4q"], x, A, B, gy)
+                row["concat_us"] = bench_us(forced("concat", nf))
+                row["beta_us"] = bench_us(forced("beta", nf))
+                row["time_vs_bf16"] = row["nf4q_us"] / row["bf16_us"]
+                if "bnb_us" in row:
+                    row["bnb_vs_bf16"] = row["bnb_us"] / row["bf16_us"]
+                rows.append(row)
+                print({k: (round(v, 2) if isinstance(v, float) else v) for k, v in row.items()}, flush=True)
+                del x, gy
+            del A, B
+        del W, w4
+        torch.cuda.empty_cache()
+    write_csv(args.csv, rows)
+    print("\n## bench_qlora: one layer forward + backward (dx, dA, dB), bf16, NF4 + double quant, blocksize 64\n")
+    print(environment() + "\n")
+    print(markdown_table(rows, [("shape", "K->N", 0), ("r", "r", 0), ("M", "M", 0), ("bf16_us", "bf16+LoRA µs", 0),
+                                ("bnb_us", "bnb+LoRA µs", 0), ("nf4q_us", "nf4q µs", 0),
+                                ("time_vs_bf16", "nf4q time / bf16", 2), ("bnb_vs_bf16", "bnb time / bf16", 2),
+                                ("concat_us", "concat µs", 0), ("beta_us", "beta µs", 0),
+                                ("bf16_peak_MiB", "bf16 peak MiB", 0), ("bnb_peak_MiB", "bnb peak MiB", 0),
+                                ("nf4q_peak_MiB", "nf4q peak MiB", 0)]))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,131 @@
+// Shared pieces of the CUDA backend: the device view of a W4 weight, exact absmax decoding, dtype helpers,
+// and the host entry points one kernel family offers the others (dequantize into a strided buffer).
+#pragma once
+#include <ATen/ATen.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include "../common/nf4.h"
+#include "../w4.h"
+
+namespace nf4q::cuda {
+
+// What a kernel needs of a W4 weight. absmax is fp32 per block, or uint8 codes when nested_absmax is set.
+struct W4View {
+  const uint8_t* packed;
+  const void* absmax;
+  const float* nested_absmax;  // null without double quantization
+  const float* nested_code;
+  const float* nested_offset;
+  const float* code;
+  int log2_bs;
+  int nested_bs;
+};
+
+// Host: every W4 tensor on CUDA (make_w4 already checked one device and the shapes).
+inline W4View make_view(const W4& w, const char* what) {
+  TORCH_CHECK(w.packed.is_cuda(), "nf4q: ", what, ": CUDA kernel got a weight on ", w.packed.device());
+  W4View v;
+  v.packed = w.packed.data_ptr<uint8_t>();
+  v.absmax = w.absmax.data_ptr();
+  v.nested_absmax = w.double_quant() ? w.nested_absmax->data_ptr<float>() : nullptr;
+  v.nested_code = w.double_quant() ? w.nested_code->data_ptr<float>() : nullptr;
+  v.nested_offset = w.double_quant() ? w.nested_offset->data_ptr<float>() : nullptr;
+  v.code = w.code.data_ptr<float>();
+  v.log2_bs = 0;
+  while ((int64_t{1} << v.log2_bs) < w.blocksize) ++v.log2_bs;
+  TORCH_CHECK(!w.double_quant() || w.nested_blocksize <= INT32_MAX, "nf4q: nested_blocksize too large");
+  v.nested_bs = static_cast<int>(w.nested_blocksize);
+  TORCH_CHECK(w.blocks() < (int64_t{1} << 31), "nf4q: ", what, ": too many blocks for the CUDA kernels");
+  return v;
+}
+
+// fp32 absmax of block b. The double-quantized form uses round-to-nearest multiply then add, never a fused
+// multiply-add, so that it is bit-identical to the CPU kernels (x86 without FMA) and to _reference.py.
+__device__ __forceinline__ float block_absmax(const W4View& w, const float* ncode_smem, float offset, uint32_t b) {
+  if (w.nested_absmax != nullptr) {
+    const uint8_t q = __ldg(static_cast<const uint8_t*>(w.absmax) + b);
+    return __fadd_rn(__fmul_rn(ncode_smem[q], __ldg(w.nested_absmax + b / static_cast<uint32_t>(w.nested_bs))),
+                     offset);
+  }
+  return __ldg(static_cast<const float*>(w.absmax) + b);
+}
+
+// Streaming 16-byte load that skips L1 (the weight is read once; keep L1 for the activations).
+__device__ __forceinline__ uint4 ld_stream16(const void* p) {
+  uint4 r;
+  asm("ld.global.nc.L1::no_allocate.v4.u32 {%0,%1,%2,%3}, [%4];"
+               : "=r"(r.x), "=r"(r.y), "=r"(r.z), "=r"(r.w)
+               : "l"(p));
+  return r;
+}
+
+// ---- dtype helpers: T is float, __half or __nv_bfloat16 -------------------------------------------------
+template <typename T> struct Cvt;
+template <> struct Cvt<float> {
+  __device__ static float from(float v) { return v; }
+  __device__ static float to_float(float v) { return v; }
+};
+template <> struct Cvt<__half> {
+  __device__ static __half from(float v) { return __float2half_rn(v); }
+  __device__ static float to_float(__half v) { return __half2float(v); }
+  // Two values in one 32-bit word, the first in the low half (the lower address).
+  __device__ static uint32_t pack(float lo, float hi) {
+    __half2 h = __floats2half2_rn(lo, hi);
+    return *reinterpret_cast<uint32_t*>(&h);
+  }
+};
+template <> struct Cvt<__nv_bfloat16> {
+  __device__ static __nv_bfloat16 from(float v) { return __float2bfloat16_rn(v); }
+  __device__ static float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
+  __device__ static uint32_t pack(float lo, float hi) {
+    __nv_bfloat162 h = __floats2bfloat162_rn(lo, hi);
+    return *reinterpret_cast<uint32_t*>(&h);
+  }
+};
+
+// at::ScalarType -> CUDA element type.
+template <typename F>
+void dispatch_float_types(at::ScalarType t, const char* what, F&& f) {
+  switch (t) {
+    case at::kFloat: f(float{}); break;
+    case at::kHalf: f(__half{}); break;
+    case at::kBFloat16: f(__nv_bfloat16{}); break;
+    default: TORCH_CHECK(false, "nf4q: ", what, ": dtype must be float32, float16 or bfloat16, got ", t);
+  }
+}
+
+inline bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15) == 0; }
+
+// ---- host entry points shared between the .cu files -------------------------------------------------------
+
+// out[r * ld + c] = dequant(W)[row0 + r, col0 + c] for r < nrows, c < ncols (W viewed as rows of `row_len`).
+// A flat dequantization is nrows = 1, ncols = numel, row_len = numel. out is fp32/fp16/bf16 on W's device.
+void dequant4_rect(const W4& w, int64_t row_len, int64_t row0, int64_t nrows, int64_t col0, int64_t ncols,
+                   at::Tensor& out, int64_t ld);
+
+// The whole weight dequantized to a new contiguous tensor of its shape, in dtype.
+at::Tensor dequant4_full(const W4& w, at::ScalarType dtype);
+
+// Small-M fused path: y[M, N] = x[M, K] @ dequant(W)^T (+ bias), tensor cores with dequantization in
+// registers. Returns false (doing nothing) when the inputs do not fit its constraints.
+bool gemm_mma(const at::Tensor& x2, const W4& w, const c10::optional<at::Tensor>& bias, at::Tensor& y);
+
+// Which gemm path to take; NF4Q_CUDA_GEMM=mma|dequant overrides the size heuristic (for benchmarks).
+enum class GemmPath { kAuto, kMma, kDequant };
+GemmPath forced_gemm_path();
+
+// y[M, N] = x2[M, K] @ dequant(W)^T (+ bias) in compute_dtype(x2): the fused kernel for small M, else
+// dequantize to a temporary and let cuBLAS multiply (measured faster there, see notes/cuda.md).
+at::Tensor gemm_2d(const at::Tensor& x2, const W4& w, const c10::optional<at::Tensor>& bias);
+
+// Compute dtype of a matmul input: fp16/bf16/fp32 as given, anything else through fp32.
+inline at::ScalarType compute_dtype(const at::Tensor& x) {
+  const auto t = x.scalar_type();
+  return (t == at::kHalf || t == at::kBFloat16 || t == at::kFloat) ? t : at::kFloat;
+}
+
+}  // namespace nf4q::cuda

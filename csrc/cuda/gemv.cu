@@ -1,0 +1,246 @@
+// Small-M fused NF4 matmul (decode, M <= 64): y = x @ dequant(W)^T on the tensor cores, W dequantized in
+// registers, read straight from the canonical bitsandbytes layout (no reshuffled copy).
+//
+// The trick: mma.sync m16n8k16 computes W_tile[16 rows of N] x x_tile^T[16 k, 8 rows of M], so W is the A
+// operand and up to 8 rows of x fill the n8 side with no padding waste at M = 8. The order of k inside one
+// mma is free as long as A and B agree, and thread t (group g = t/4, tig = t%4) holds A's k-slots
+// {2tig, 2tig+1, 2tig+8, 2tig+9} for rows g and g+8 and B's same k-slots for column g. So each thread loads a
+// 16-byte chunk (32 consecutive k) of rows g and g+8, and at k-step s feeds bytes 2s (slots 2tig, 2tig+1) and
+// 2s+1 (slots 2tig+8, 2tig+9) of it; its B fragment is then x[g][32c+4s .. 32c+4s+3], one 8-byte load.
+// A byte decodes to its bf16x2/half2 register with one lookup in a 256-entry table, times absmax (HMUL2).
+//
+// Block: 16*RT rows of W, WARPS warps splitting K (chunk columns strided by WARPS), reduced through shared
+// memory at the end (deterministic, one launch). Grid: (N / (16*RT), M / (8*NT)).
+#include <cstdlib>
+#include <cstring>
+
+#include "common.cuh"
+
+namespace nf4q::cuda {
+namespace {
+
+constexpr int kWarps = 8;
+constexpr int kUnroll = 2;  // chunks per thread per row in flight
+
+template <typename T> struct Mma;
+template <> struct Mma<__nv_bfloat16> {
+  __device__ static void run(float* d, const uint32_t* a, uint2 b) {
+    asm(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+        "{%0,%1,%2,%3};"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b.x), "r"(b.y));
+  }
+  __device__ static uint32_t mul2(uint32_t p, uint32_t s) {
+    __nv_bfloat162 r = __hmul2(*reinterpret_cast<__nv_bfloat162*>(&p), *reinterpret_cast<__nv_bfloat162*>(&s));
+    return *reinterpret_cast<uint32_t*>(&r);
+  }
+  __device__ static uint32_t splat(float a) {
+    __nv_bfloat162 r = __float2bfloat162_rn(a);
+    return *reinterpret_cast<uint32_t*>(&r);
+  }
+};
+template <> struct Mma<__half> {
+  __device__ static void run(float* d, const uint32_t* a, uint2 b) {
+    asm(
+        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+        "{%0,%1,%2,%3};"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b.x), "r"(b.y));
+  }
+  __device__ static uint32_t mul2(uint32_t p, uint32_t s) {
+    __half2 r = __hmul2(*reinterpret_cast<__half2*>(&p), *reinterpret_cast<__half2*>(&s));
+    return *reinterpret_cast<uint32_t*>(&r);
+  }
+  __device__ static uint32_t splat(float a) {
+    __half2 r = __float2half2_rn(a);
+    return *reinterpret_cast<uint32_t*>(&r);
+  }
+};
+
+template <typename T, int NT, int RT, bool DQ>
+__global__ void __launch_bounds__(kWarps * 32) gemm_mma_kernel(const T* __restrict__ x, W4View w,
+                                                               const T* __restrict__ bias, T* __restrict__ y, int M,
+                                                               int N, int K) {
+  __shared__ uint32_t table[256];  // byte -> (code[hi], code[lo]) as one T2 register
+  __shared__ float ncode[256];
+  __shared__ float red[kWarps][RT * NT * 4][32];
+  const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32, g = lane / 4, tig = lane % 4;
+  for (int i = tid; i < 256; i += kWarps * 32) {
+    table[i] = Cvt<T>::pack(__ldg(w.code + (i >> 4)), __ldg(w.code + (i & 15)));
+    if (DQ) ncode[i] = __ldg(w.nested_code + i);
+  }
+  __syncthreads();
+  const float offset = DQ ? __ldg(w.nested_offset) : 0.f;
+  // nested blocks are 256 absmax values in practice: a shift instead of an integer division
+  const int nbs_log2 = (w.nested_bs & (w.nested_bs - 1)) == 0 ? __ffs(w.nested_bs) - 1 : -1;
+  const int r0 = blockIdx.x * 16 * RT, m0 = blockIdx.y * 8 * NT;
+  const int KC = K / 32;  // 32-k chunks per row
+
+  float acc[RT][NT][4];
+#pragma unroll
+  for (int rt = 0; rt < RT; ++rt)
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+      for (int i = 0; i < 4; ++i) acc[rt][nt][i] = 0.f;
+
+  // Raw loads of one step: the weight chunks and their scales. Out-of-range chunks read element 0 and get a
+  // zero scale, so their dequantized A fragment is exactly 0 (branch-free loads).
+  struct Stage {
+    uint4 wq[kUnroll][RT][2];
+    float s[kUnroll][RT][2];
+    uint32_t q[kUnroll][RT][2];
+    bool ok[kUnroll][RT][2];
+  };
+  auto load = [&](int j0, Stage& st) {
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      const int c = 4 * (j0 + u * kWarps) + tig;
+#pragma unroll
+      for (int rt = 0; rt < RT; ++rt)
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+          const int row = r0 + 16 * rt + g + 8 * h;
+          st.ok[u][rt][h] = c < KC && row < N;
+          const int64_t e = st.ok[u][rt][h] ? static_cast<int64_t>(row) * K + 32 * c : 0;
+          st.wq[u][rt][h] = ld_stream16(w.packed + (e >> 1));
+          const uint32_t blk = static_cast<uint32_t>(e >> w.log2_bs);
+          if (DQ) {
+            st.q[u][rt][h] = __ldg(static_cast<const uint8_t*>(w.absmax) + blk);
+            st.s[u][rt][h] = __ldg(w.nested_absmax + (nbs_log2 >= 0 ? blk >> nbs_log2 : blk / w.nested_bs));
+          } else {
+            st.s[u][rt][h] = __ldg(static_cast<const float*>(w.absmax) + blk);
+          }
+        }
+    }
+  };
+
+  // Software pipeline: the next step's loads are issued before this step's math, so a full step of 16-byte
+  // loads is always in flight behind the tensor-core work.
+  const int step = kWarps * kUnroll;
+  Stage cur;
+  load(warp, cur);
+  for (int j0 = warp; 4 * j0 < KC; j0 += step) {
+    Stage nxt;
+    load(j0 + step, nxt);
+    uint32_t scale[kUnroll][RT][2];
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u)
+#pragma unroll
+      for (int rt = 0; rt < RT; ++rt)
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+          const float a = DQ ? fmaf(ncode[cur.q[u][rt][h]], cur.s[u][rt][h], offset) : cur.s[u][rt][h];
+          scale[u][rt][h] = cur.ok[u][rt][h] ? Mma<T>::splat(a) : 0u;
+        }
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      const int c = 4 * (j0 + u * kWarps) + tig;  // past the end: zero scale and zero x, adds exact zeros
+#pragma unroll
+      for (int s = 0; s < 8; ++s) {
+        uint2 bf[NT];
+#pragma unroll
+        for (int nt = 0; nt < NT; ++nt) {
+          const int m = m0 + 8 * nt + g;
+          bf[nt] = (m < M && c < KC)
+                       ? __ldg(reinterpret_cast<const uint2*>(x + static_cast<int64_t>(m) * K + 32 * c + 4 * s))
+                       : make_uint2(0, 0);
+        }
+#pragma unroll
+        for (int rt = 0; rt < RT; ++rt) {
+          uint32_t a[4];
+#pragma unroll
+          for (int h = 0; h < 2; ++h) {
+            const uint4 q = cur.wq[u][rt][h];
+            const uint32_t word = (s < 2) ? q.x : (s < 4) ? q.y : (s < 6) ? q.z : q.w;
+            const int sh = 16 * (s & 1);
+            a[h] = Mma<T>::mul2(table[(word >> sh) & 0xff], scale[u][rt][h]);          // slots 2tig, 2tig+1
+            a[2 + h] = Mma<T>::mul2(table[(word >> (sh + 8)) & 0xff], scale[u][rt][h]);  // slots 2tig+8, +9
+          }
+#pragma unroll
+          for (int nt = 0; nt < NT; ++nt) Mma<T>::run(acc[rt][nt], a, bf[nt]);
+        }
+      }
+    }
+    cur = nxt;
+  }
+
+  // Split-K reduction over the warps, then the epilogue: c0,c1 = (row g, m 2tig, 2tig+1), c2,c3 = row g+8.
+#pragma unroll
+  for (int rt = 0; rt < RT; ++rt)
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+      for (int i = 0; i < 4; ++i) red[warp][(rt * NT + nt) * 4 + i][lane] = acc[rt][nt][i];
+  __syncthreads();
+  for (int p = tid; p < RT * NT * 4 * 32; p += kWarps * 32) {
+    const int idx = p / 32, l = p % 32;
+    float sum = 0.f;
+#pragma unroll
+    for (int wi = 0; wi < kWarps; ++wi) sum += red[wi][idx][l];
+    const int i = idx % 4, nt = (idx / 4) % NT, rt = idx / (4 * NT);
+    const int row = r0 + 16 * rt + l / 4 + 8 * (i / 2);
+    const int m = m0 + 8 * nt + 2 * (l % 4) + (i % 2);
+    if (row < N && m < M) {
+      if (bias != nullptr) sum += Cvt<T>::to_float(bias[row]);
+      y[static_cast<int64_t>(m) * N + row] = Cvt<T>::from(sum);
+    }
+  }
+}
+
+template <typename T, int NT, int RT>
+void launch(const at::Tensor& x2, const W4View& v, const T* bias, at::Tensor& y, int M, int N, int K) {
+  const dim3 grid(static_cast<unsigned>(ceil_div(N, 16 * RT)), static_cast<unsigned>(ceil_div(M, 8 * NT)));
+  auto kernel = v.nested_absmax != nullptr ? gemm_mma_kernel<T, NT, RT, true> : gemm_mma_kernel<T, NT, RT, false>;
+  kernel<<<grid, kWarps * 32, 0, at::cuda::getCurrentCUDAStream()>>>(static_cast<const T*>(x2.data_ptr()), v, bias,
+                                                                      static_cast<T*>(y.data_ptr()), M, N, K);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+template <typename T>
+void dispatch(const at::Tensor& x2, const W4View& v, const T* bias, at::Tensor& y, int M, int N, int K) {
+  // Two row tiles per block when that still leaves two blocks per SM: more loads in flight, half the x reads.
+  const int sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+  const bool two = ceil_div(N, 32) >= 2 * sms;
+  if (M <= 8) {
+    two ? launch<T, 1, 2>(x2, v, bias, y, M, N, K) : launch<T, 1, 1>(x2, v, bias, y, M, N, K);
+  } else if (M <= 16) {
+    two ? launch<T, 2, 2>(x2, v, bias, y, M, N, K) : launch<T, 2, 1>(x2, v, bias, y, M, N, K);
+  } else if (M <= 32) {
+    two ? launch<T, 4, 2>(x2, v, bias, y, M, N, K) : launch<T, 4, 1>(x2, v, bias, y, M, N, K);
+  } else {
+    launch<T, 8, 1>(x2, v, bias, y, M, N, K);
+  }
+}
+
+}  // namespace
+
+GemmPath forced_gemm_path() {
+  const char* s = std::getenv("NF4Q_CUDA_GEMM");
+  if (s == nullptr) return GemmPath::kAuto;
+  if (std::strcmp(s, "mma") == 0) return GemmPath::kMma;
+  if (std::strcmp(s, "dequant") == 0) return GemmPath::kDequant;
+  return GemmPath::kAuto;
+}
+
+bool gemm_mma(const at::Tensor& x2_in, const W4& w, const c10::optional<at::Tensor>& bias, at::Tensor& y) {
+  const int64_t M = x2_in.size(0), N = w.rows(), K = w.cols();
+  const auto dt = x2_in.scalar_type();
+  if (dt != at::kHalf && dt != at::kBFloat16) return false;
+  if (K % 32 != 0 || K == 0 || M == 0 || N == 0 || !aligned16(w.packed.data_ptr())) return false;
+  if (M > INT32_MAX || N > INT32_MAX || K > INT32_MAX || M * K > INT32_MAX * int64_t{32}) return false;
+  auto x2 = x2_in.contiguous();
+  if (!aligned16(x2.data_ptr())) x2 = x2.clone();  // a view with an odd storage offset
+  at::Tensor b;
+  if (bias) b = bias->to(dt).contiguous();
+  const W4View v = make_view(w, "gemm_4bit");
+  if (dt == at::kHalf) {
+    dispatch<__half>(x2, v, bias ? static_cast<const __half*>(b.data_ptr()) : nullptr, y, M, N, K);
+  } else {
+    dispatch<__nv_bfloat16>(x2, v, bias ? static_cast<const __nv_bfloat16*>(b.data_ptr()) : nullptr, y, M, N, K);
+  }
+  return true;
+}
+
+}  // namespace nf4q::cuda
