@@ -136,7 +136,7 @@ def save_quantized(model_or_path: Union[str, Path, nn.Module], out_dir: Union[st
     if in_dir is not None:  # tokenizer, generation config, sentence-transformers extras ...
         for item in in_dir.rglob("*"):
             rel = item.relative_to(in_dir)
-            if item.is_file() and rel.name != "config.json" and not rel.name.endswith(_WEIGHT_FILES) \
+            if item.is_file() and rel != Path("config.json") and not rel.name.endswith(_WEIGHT_FILES) \
                     and not rel.name.endswith(".index.json") and not any(p.startswith(".") for p in rel.parts):
                 (out_dir / rel).parent.mkdir(parents=True, exist_ok=True)
                 shutil.copy2(item, out_dir / rel)

@@ -31,7 +31,16 @@ def tiny(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def saved(tiny, tmp_path_factory):
+    (tiny / "1_Pooling").mkdir(exist_ok=True)  # side files (tokenizer, sentence-transformers) travel along
+    (tiny / "1_Pooling" / "config.json").write_text('{"pooling_mode_mean_tokens": true}')
+    (tiny / "tokenizer_config.json").write_text("{}")
     return nf4q.save_quantized(tiny, tmp_path_factory.mktemp("out") / "nf4", progress=False)
+
+
+def test_side_files_are_copied(saved):
+    assert (saved / "tokenizer_config.json").read_text() == "{}"
+    assert "pooling_mode_mean_tokens" in (saved / "1_Pooling" / "config.json").read_text()
+    assert sorted(p.name for p in saved.glob("*.safetensors")) == ["model.safetensors"]
 
 
 def _ids(seed=1):
