@@ -5,6 +5,7 @@ from . import _ops
 from .codebook import dynamic_map, fp8_e4m3_map, nested_map, nf4_code
 from .linear import Linear4bit, quantize_model
 from .checkpoint import load_quantized, save_quantized
+from . import optim
 from .tensor import FormatError, NF4Weight, dequantize, quantize
 
 __version__ = "0.1.0"

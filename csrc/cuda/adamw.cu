@@ -1,0 +1,302 @@
+// Fused multi-tensor AdamW on the GPU: one launch updates every tensor of a list, 32-bit or 8-bit
+// blockwise states (one kernel template for both), on the current stream with no synchronization.
+//
+// Work split: all tensors are cut into units of 256 elements (kQBlock, also the 8-bit quantization
+// block); one warp owns one unit, 8 consecutive elements per lane, so a block absmax is a warp
+// reduction (no shared memory, no __syncthreads) and loads are 16-byte vectors. A warp finds its tensor
+// by binary search over the units' prefix sums, which live with the pointers in a small table copied
+// from pinned memory asynchronously. The arithmetic is csrc/common/adamw.h, shared with the CPU kernel.
+#include <ATen/ATen.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/library.h>
+
+#include <vector>
+
+#include "../common/adamw.h"
+
+namespace nf4q::cuda {
+namespace {
+
+using adamw::Hyper;
+using adamw::kQBlock;
+
+constexpr int kThreads = 256;
+constexpr int kWarps = kThreads / 32;
+constexpr int kPerLane = kQBlock / 32;  // 8
+
+struct Slot {  // 64 bytes, as the host writes it
+  void* p;
+  const void* g;
+  void* m;
+  void* v;
+  float* am1;
+  float* am2;
+  int64_t n;
+  int64_t vec;  // all pointers aligned for vector access
+};
+
+// 8 values of T -> fp32: one or two 16-byte loads when aligned and whole, else element by element.
+template <typename T>
+__device__ __forceinline__ void load8(const T* __restrict__ src, float (&dst)[kPerLane], int cnt, bool vec) {
+  if (vec && cnt == kPerLane) {
+    constexpr int kVecs = sizeof(T) * kPerLane / 16;
+    uint4 raw[kVecs];
+#pragma unroll
+    for (int i = 0; i < kVecs; ++i) raw[i] = reinterpret_cast<const uint4*>(src)[i];
+    const T* vals = reinterpret_cast<const T*>(raw);
+#pragma unroll
+    for (int i = 0; i < kPerLane; ++i) dst[i] = static_cast<float>(vals[i]);
+  } else {
+#pragma unroll
+    for (int i = 0; i < kPerLane; ++i) dst[i] = i < cnt ? static_cast<float>(src[i]) : 0.f;
+  }
+}
+
+template <typename T>
+__device__ __forceinline__ void store8(T* __restrict__ dst, const float (&src)[kPerLane], int cnt, bool vec) {
+  if (vec && cnt == kPerLane) {
+    constexpr int kVecs = sizeof(T) * kPerLane / 16;
+    uint4 raw[kVecs];
+    T* vals = reinterpret_cast<T*>(raw);
+#pragma unroll
+    for (int i = 0; i < kPerLane; ++i) vals[i] = static_cast<T>(src[i]);
+#pragma unroll
+    for (int i = 0; i < kVecs; ++i) reinterpret_cast<uint4*>(dst)[i] = raw[i];
+  } else {
+#pragma unroll
+    for (int i = 0; i < kPerLane; ++i)
+      if (i < cnt) dst[i] = static_cast<T>(src[i]);
+  }
+}
+
+__device__ __forceinline__ void load_codes(const uint8_t* src, uint8_t (&dst)[kPerLane], int cnt, bool vec) {
+  if (vec && cnt == kPerLane) {
+    const uint2 raw = *reinterpret_cast<const uint2*>(src);
+    const uint8_t* b = reinterpret_cast<const uint8_t*>(&raw);
+#pragma unroll
+    for (int i = 0; i < kPerLane; ++i) dst[i] = b[i];
+  } else {
+#pragma unroll
+    for (int i = 0; i < kPerLane; ++i) dst[i] = i < cnt ? src[i] : 0;
+  }
+}
+
+__device__ __forceinline__ void store_codes(uint8_t* dst, const uint8_t (&src)[kPerLane], int cnt, bool vec) {
+  if (vec && cnt == kPerLane) {
+    uint2 raw;
+    uint8_t* b = reinterpret_cast<uint8_t*>(&raw);
+#pragma unroll
+    for (int i = 0; i < kPerLane; ++i) b[i] = src[i];
+    *reinterpret_cast<uint2*>(dst) = raw;
+  } else {
+#pragma unroll
+    for (int i = 0; i < kPerLane; ++i)
+      if (i < cnt) dst[i] = src[i];
+  }
+}
+
+__device__ __forceinline__ float warp_max(float x) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, o));
+  return x;
+}
+
+template <typename T, int Bits>
+__global__ void __launch_bounds__(kThreads) adamw_kernel(const Slot* __restrict__ slots,
+                                                         const int64_t* __restrict__ starts, int num,
+                                                         int64_t total_units, Hyper h,
+                                                         const float* __restrict__ code1,
+                                                         const float* __restrict__ code2) {
+  // 8-bit: value tables for decoding and midpoint trees for encoding (4 KB).
+  __shared__ float s_code1[Bits == 8 ? 256 : 1], s_code2[Bits == 8 ? 256 : 1];
+  __shared__ float s_tree1[Bits == 8 ? 256 : 1], s_tree2[Bits == 8 ? 256 : 1];
+  if constexpr (Bits == 8) {
+    const int t = threadIdx.x;
+    s_code1[t] = code1[t];
+    s_code2[t] = code2[t];
+    __syncthreads();
+    s_tree1[t] = t ? adamw::tree_node(s_code1, t) : 0.f;
+    s_tree2[t] = t ? adamw::tree_node(s_code2, t) : 0.f;
+    __syncthreads();
+  }
+  const int64_t unit = static_cast<int64_t>(blockIdx.x) * kWarps + (threadIdx.x >> 5);
+  if (unit >= total_units) return;  // whole warps only: the shuffles below stay full
+  const int lane = threadIdx.x & 31;
+
+  int lo = 0, hi = num - 1;  // the last tensor whose first unit is <= unit
+  while (lo < hi) {
+    const int mid = (lo + hi + 1) >> 1;
+    if (__ldg(starts + mid) <= unit) lo = mid; else hi = mid - 1;
+  }
+  const Slot s = slots[lo];
+  const int64_t b = unit - __ldg(starts + lo);  // block index inside the tensor
+  const int64_t off = b * kQBlock + lane * kPerLane;
+  const int64_t left = s.n - off;
+  const int cnt = left <= 0 ? 0 : (left >= kPerLane ? kPerLane : static_cast<int>(left));
+  const bool vec = s.vec != 0;
+
+  float p[kPerLane], g[kPerLane], m[kPerLane], v[kPerLane];
+  load8(static_cast<const T*>(s.p) + off, p, cnt, vec);
+  load8(static_cast<const T*>(s.g) + off, g, cnt, vec);
+  uint8_t qm[kPerLane], qv[kPerLane];
+  if constexpr (Bits == 32) {
+    load8(static_cast<const float*>(s.m) + off, m, cnt, vec);
+    load8(static_cast<const float*>(s.v) + off, v, cnt, vec);
+  } else {
+    load_codes(static_cast<const uint8_t*>(s.m) + off, qm, cnt, vec);
+    load_codes(static_cast<const uint8_t*>(s.v) + off, qv, cnt, vec);
+    const float a1 = s.am1[b], a2 = s.am2[b];
+#pragma unroll
+    for (int i = 0; i < kPerLane; ++i) {
+      m[i] = i < cnt ? s_code1[qm[i]] * a1 : 0.f;
+      v[i] = i < cnt ? s_code2[qv[i]] * a2 : 0.f;
+    }
+  }
+#pragma unroll
+  for (int i = 0; i < kPerLane; ++i)
+    if (i < cnt) adamw::update(p[i], g[i], m[i], v[i], h);
+  store8(static_cast<T*>(s.p) + off, p, cnt, vec);
+  if constexpr (Bits == 32) {
+    store8(static_cast<float*>(s.m) + off, m, cnt, vec);
+    store8(static_cast<float*>(s.v) + off, v, cnt, vec);
+  } else {
+    float n1 = 0.f, n2 = 0.f;  // lanes past the end hold zeros, which leave the max alone
+#pragma unroll
+    for (int i = 0; i < kPerLane; ++i) {
+      n1 = fmaxf(n1, fabsf(m[i]));
+      n2 = fmaxf(n2, v[i]);
+    }
+    n1 = warp_max(n1);
+    n2 = warp_max(n2);
+    if (lane == 0) {
+      s.am1[b] = n1;
+      s.am2[b] = n2;
+    }
+    const float i1 = adamw::inv_absmax(n1), i2 = adamw::inv_absmax(n2);
+#pragma unroll
+    for (int i = 0; i < kPerLane; ++i) {
+      qm[i] = adamw::encode_tree(clamp_unit(m[i] * i1), s_tree1);
+      qv[i] = adamw::encode_tree(clamp_unit(v[i] * i2), s_tree2);
+    }
+    store_codes(static_cast<uint8_t*>(s.m) + off, qm, cnt, vec);
+    store_codes(static_cast<uint8_t*>(s.v) + off, qv, cnt, vec);
+  }
+}
+
+bool aligned(const void* p, int bytes) { return reinterpret_cast<uintptr_t>(p) % bytes == 0; }
+
+void check_lists(at::TensorList params, at::TensorList grads, at::TensorList ms, at::TensorList vs,
+                 at::ScalarType state_dtype) {
+  TORCH_CHECK_VALUE(grads.size() == params.size() && ms.size() == params.size() && vs.size() == params.size(),
+                    "nf4q: params, grads, exp_avgs and exp_avg_sqs must have the same length");
+  const auto device = params[0].device();
+  const auto dtype = params[0].scalar_type();
+  TORCH_CHECK_TYPE(dtype == at::kFloat || dtype == at::kHalf || dtype == at::kBFloat16,
+                   "nf4q: params must be fp32, fp16 or bf16, got ", dtype);
+  for (size_t i = 0; i < params.size(); ++i) {
+    const auto n = params[i].numel();
+    TORCH_CHECK_TYPE(params[i].scalar_type() == dtype && grads[i].scalar_type() == dtype,
+                     "nf4q: params and grads must share one dtype (", dtype, "), not at index ", i);
+    TORCH_CHECK_TYPE(ms[i].scalar_type() == state_dtype && vs[i].scalar_type() == state_dtype,
+                     "nf4q: exp_avgs[", i, "]/exp_avg_sqs[", i, "] must be ", state_dtype);
+    for (const auto* t : {&params[i], &grads[i], &ms[i], &vs[i]}) {
+      TORCH_CHECK_VALUE(t->device() == device && t->is_contiguous() && t->numel() == n,
+                        "nf4q: params[", i, "], grads, exp_avgs and exp_avg_sqs must be contiguous tensors of ", n,
+                        " elements on ", device);
+    }
+  }
+}
+
+void launch(at::TensorList params, at::TensorList grads, at::TensorList ms, at::TensorList vs,
+            const at::Tensor* absmax1, const at::Tensor* absmax2, int bits, const at::Tensor& code1,
+            const at::Tensor& code2, const Hyper& h) {
+  const int num = static_cast<int>(params.size());
+  const int64_t slot_words = sizeof(Slot) / sizeof(int64_t);
+  auto table = at::empty({num * (slot_words + 1)}, at::TensorOptions().dtype(at::kLong).pinned_memory(true));
+  Slot* slots = reinterpret_cast<Slot*>(table.data_ptr<int64_t>());
+  int64_t* starts = table.data_ptr<int64_t>() + num * slot_words;
+  int64_t units = 0;
+  const int state_align = bits == 32 ? 16 : 8;
+  for (int i = 0; i < num; ++i) {
+    Slot& s = slots[i];
+    s.p = params[i].data_ptr();
+    s.g = grads[i].data_ptr();
+    s.m = ms[i].data_ptr();
+    s.v = vs[i].data_ptr();
+    s.am1 = bits == 8 ? absmax1[i].data_ptr<float>() : nullptr;
+    s.am2 = bits == 8 ? absmax2[i].data_ptr<float>() : nullptr;
+    s.n = params[i].numel();
+    s.vec = aligned(s.p, 16) && aligned(s.g, 16) && aligned(s.m, state_align) && aligned(s.v, state_align);
+    starts[i] = units;
+    units += ceil_div(s.n, kQBlock);
+  }
+  if (units == 0) return;
+  // Async copy from pinned memory: the caching host allocator keeps the buffer until the copy is done.
+  const auto dev_table = table.to(params[0].device(), /*non_blocking=*/true);
+  const Slot* d_slots = reinterpret_cast<const Slot*>(dev_table.data_ptr<int64_t>());
+  const int64_t* d_starts = dev_table.data_ptr<int64_t>() + num * slot_words;
+  const float* c1 = bits == 8 ? code1.data_ptr<float>() : nullptr;
+  const float* c2 = bits == 8 ? code2.data_ptr<float>() : nullptr;
+  const dim3 grid(static_cast<unsigned>(ceil_div(units, kWarps)));
+  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  const auto dtype = params[0].scalar_type();
+#define NF4Q_LAUNCH(T)                                                                                        \
+  if (bits == 8)                                                                                               \
+    adamw_kernel<T, 8><<<grid, kThreads, 0, stream>>>(d_slots, d_starts, num, units, h, c1, c2);               \
+  else                                                                                                         \
+    adamw_kernel<T, 32><<<grid, kThreads, 0, stream>>>(d_slots, d_starts, num, units, h, c1, c2);
+  if (dtype == at::kFloat) {
+    NF4Q_LAUNCH(float)
+  } else if (dtype == at::kHalf) {
+    NF4Q_LAUNCH(at::Half)
+  } else {
+    NF4Q_LAUNCH(at::BFloat16)
+  }
+#undef NF4Q_LAUNCH
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+void adamw_step(at::TensorList params, at::TensorList grads, at::TensorList ms, at::TensorList vs, double lr,
+                double beta1, double beta2, double eps, double weight_decay, int64_t step) {
+  if (params.empty()) return;
+  check_lists(params, grads, ms, vs, at::kFloat);
+  const c10::cuda::CUDAGuard guard(params[0].device());
+  const at::Tensor none;
+  launch(params, grads, ms, vs, nullptr, nullptr, 32, none, none,
+         adamw::make_hyper(lr, beta1, beta2, eps, weight_decay, step));
+}
+
+void adamw8bit_step(at::TensorList params, at::TensorList grads, at::TensorList ms, at::TensorList vs,
+                    at::TensorList absmax1, at::TensorList absmax2, const at::Tensor& code1, const at::Tensor& code2,
+                    double lr, double beta1, double beta2, double eps, double weight_decay, int64_t step) {
+  if (params.empty()) return;
+  check_lists(params, grads, ms, vs, at::kByte);
+  TORCH_CHECK_VALUE(absmax1.size() == params.size() && absmax2.size() == params.size(),
+                    "nf4q: absmax1 and absmax2 must have one tensor per param");
+  const auto device = params[0].device();
+  for (size_t i = 0; i < params.size(); ++i) {
+    const int64_t blocks = ceil_div(params[i].numel(), kQBlock);
+    for (const auto* a : {&absmax1[i], &absmax2[i]})
+      TORCH_CHECK_VALUE(a->scalar_type() == at::kFloat && a->is_contiguous() && a->numel() == blocks &&
+                            a->device() == device,
+                        "nf4q: absmax1[", i, "]/absmax2[", i, "] must be contiguous fp32 of ", blocks, " values on ",
+                        device);
+  }
+  for (const auto* c : {&code1, &code2})
+    TORCH_CHECK_VALUE(c->scalar_type() == at::kFloat && c->is_contiguous() && c->numel() == 256 &&
+                          c->device() == device,
+                      "nf4q: code1/code2 must be contiguous fp32 tables of 256 values on ", device);
+  const c10::cuda::CUDAGuard guard(device);
+  launch(params, grads, ms, vs, absmax1.data(), absmax2.data(), 8, code1, code2,
+         adamw::make_hyper(lr, beta1, beta2, eps, weight_decay, step));
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(nf4q, CUDA, m) {
+  m.impl("adamw_step", &adamw_step);
+  m.impl("adamw8bit_step", &adamw8bit_step);
+}
+
+}  // namespace nf4q::cuda
