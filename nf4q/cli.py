@@ -360,7 +360,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", metavar="PATH", help="a local transformers model directory instead of MiniLM")
     p.add_argument("--steps", type=int, default=30, help="fine-tuning steps (default 30)")
     p.add_argument("--batch-size", type=int, default=16, help="sentences per step (default 16)")
-    p.add_argument("--lr", type=float, default=2e-3, help="adapter learning rate (default 2e-3)")
+    p.add_argument("--lr", type=float, default=1e-3, help="adapter learning rate (default 1e-3)")
     p.add_argument("--rank", type=int, default=8, help="LoRA rank r (default 8)")
     p.add_argument("--alpha", type=float, default=16, help="LoRA alpha (default 16)")
     p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu or cuda[:N]")

@@ -153,7 +153,7 @@ def _pick_device(name):
     return torch.device(name)
 
 
-def run(model_path=None, steps=30, batch_size=16, lr=2e-3, rank=8, alpha=16, device="auto", seed=0,
+def run(model_path=None, steps=30, batch_size=16, lr=1e-3, rank=8, alpha=16, device="auto", seed=0,
         out=sys.stdout):
     """Run the demo; returns a dict of the figures it printed (used by the tests)."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
