@@ -19,6 +19,43 @@ void check_table(const at::Tensor& code, int64_t n, const char* name) {
               "nf4q: ", name, " must be a CPU fp32 table of ", n, " values");
 }
 
+// One pass per block: convert, absmax (+ a NaN/Inf flag), scale, encode, pack. Kept out of the dispatch
+// macro because pragmas cannot stand inside macro arguments.
+template <typename scalar_t>
+void quantize_blocks(const scalar_t* src, int64_t n, int64_t blocksize, const float* mids, uint8_t* dst, float* am) {
+  at::parallel_for(0, ceil_div(n, blocksize), kGrainBlocks, [&](int64_t b0, int64_t b1) {
+    float v[4096];
+    uint8_t q[4096 + 1];
+    for (int64_t b = b0; b < b1; ++b) {
+      const int64_t start = b * blocksize, len = std::min(blocksize, n - start);
+      float amax = 0.f, poison = 0.f;
+#pragma omp simd reduction(max : amax) reduction(+ : poison)
+      for (int64_t i = 0; i < len; ++i) {
+        v[i] = static_cast<float>(src[start + i]);
+        amax = std::max(amax, std::abs(v[i]));
+        poison += v[i] * 0.0f;  // NaN if any value is NaN or Inf
+      }
+      // A non-finite block reports a NaN absmax; quantize() turns that into a ValueError.
+      am[b] = poison == 0.0f ? amax : std::numeric_limits<float>::quiet_NaN();
+      if (len < blocksize) {
+        for (int64_t i = 0; i < len; ++i) q[i] = encode4(scale_block(v[i], amax, true), mids);
+        q[len] = encode4(0.0f, mids);  // an odd tail is padded with a zero value, as bitsandbytes does
+      } else {
+        const float inv = 1.0f / std::max(amax, kTinyAbsmax);
+#pragma omp simd
+        for (int64_t i = 0; i < len; ++i) {
+          const float s = clamp_unit(v[i] * inv);
+          int c = 0;
+          for (int j = 0; j < kCodes4 - 1; ++j) c += s > mids[j];
+          q[i] = static_cast<uint8_t>(c);
+        }
+      }
+      uint8_t* out = dst + start / 2;
+      for (int64_t i = 0; i < (len + 1) / 2; ++i) out[i] = pack2(q[2 * i], q[2 * i + 1]);
+    }
+  });
+}
+
 std::tuple<at::Tensor, at::Tensor> quantize_4bit(const at::Tensor& A_in, const at::Tensor& code, int64_t blocksize) {
   TORCH_CHECK(at::isFloatingType(A_in.scalar_type()), "nf4q: quantize_4bit needs a floating-point input");
   TORCH_CHECK(blocksize >= 32 && blocksize <= 4096 && (blocksize & (blocksize - 1)) == 0,
@@ -32,40 +69,7 @@ std::tuple<at::Tensor, at::Tensor> quantize_4bit(const at::Tensor& A_in, const a
   float mids[kCodes4 - 1];
   midpoints(code.contiguous().data_ptr<float>(), kCodes4, mids);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, A.scalar_type(), "quantize_4bit_cpu", [&] {
-    const scalar_t* src = A.data_ptr<scalar_t>();
-    uint8_t* dst = packed.data_ptr<uint8_t>();
-    float* am = absmax.data_ptr<float>();
-    at::parallel_for(0, blocks, kGrainBlocks, [&](int64_t b0, int64_t b1) {
-      float v[4096];
-      uint8_t q[4096 + 1];
-      for (int64_t b = b0; b < b1; ++b) {
-        const int64_t start = b * blocksize, len = std::min(blocksize, n - start);
-        float amax = 0.f, poison = 0.f;
-#pragma omp simd reduction(max : amax) reduction(+ : poison)
-        for (int64_t i = 0; i < len; ++i) {
-          v[i] = static_cast<float>(src[start + i]);
-          amax = std::max(amax, std::abs(v[i]));
-          poison += v[i] * 0.0f;  // NaN if any value is NaN or Inf
-        }
-        // A non-finite block reports a NaN absmax; quantize() turns that into a ValueError.
-        am[b] = poison == 0.0f ? amax : std::numeric_limits<float>::quiet_NaN();
-        if (len < blocksize) {
-          for (int64_t i = 0; i < len; ++i) q[i] = encode4(scale_block(v[i], amax, true), mids);
-          q[len] = encode4(0.0f, mids);  // an odd tail is padded with a zero value, as bitsandbytes does
-        } else {
-          const float inv = 1.0f / std::max(amax, kTinyAbsmax);
-#pragma omp simd
-          for (int64_t i = 0; i < len; ++i) {
-            const float s = clamp_unit(v[i] * inv);
-            int c = 0;
-            for (int j = 0; j < kCodes4 - 1; ++j) c += s > mids[j];
-            q[i] = static_cast<uint8_t>(c);
-          }
-        }
-        uint8_t* out = dst + start / 2;
-        for (int64_t i = 0; i < (len + 1) / 2; ++i) out[i] = pack2(q[2 * i], q[2 * i + 1]);
-      }
-    });
+    quantize_blocks(A.data_ptr<scalar_t>(), n, blocksize, mids, packed.data_ptr<uint8_t>(), absmax.data_ptr<float>());
   });
   return {packed, absmax};
 }
