@@ -63,6 +63,21 @@ __device__ __forceinline__ uint4 ld_stream16(const void* p) {
   return r;
 }
 
+// Byte offset of entry (byte `B` of word) in a lookup table whose entries are 128 bytes apart (a 4-byte entry
+// replicated 32 times, or an 8-byte one 16 times), ORed with this lane's copy offset: one shift and one LOP3,
+// and the table base folds into the shared load's uniform register.
+template <int B>
+__device__ __forceinline__ uint32_t lut_offset(uint32_t word, uint32_t lane_off) {
+  constexpr int sh = 8 * B - 7;
+  const uint32_t v = sh >= 0 ? (word >> (sh >= 0 ? sh : 0)) : (word << (sh < 0 ? -sh : 0));
+  return (v & 0x7f80u) | lane_off;
+}
+
+template <typename V>
+__device__ __forceinline__ V lut(const void* table, uint32_t off) {
+  return *reinterpret_cast<const V*>(reinterpret_cast<const char*>(table) + off);
+}
+
 // ---- dtype helpers: T is float, __half or __nv_bfloat16 -------------------------------------------------
 template <typename T> struct Cvt;
 template <> struct Cvt<float> {

@@ -9,7 +9,7 @@ namespace nf4q::cuda {
 namespace {
 
 // Largest M for the fused kernel by default (NF4Q_CUDA_GEMM overrides); set from bench_linear's crossover.
-constexpr int64_t kMmaMaxM = 64;
+constexpr int64_t kMmaMaxM = 32;
 
 void check_bias(const c10::optional<at::Tensor>& bias, const at::Tensor& x, int64_t N) {
   if (!bias) return;

@@ -58,25 +58,41 @@ template <> struct Mma<__half> {
   }
 };
 
+// Dynamic shared memory: the byte -> T2 table replicated 32 times (entry e of lane l's copy at e * 32 + l, so
+// a warp's 32 random lookups hit 32 distinct banks instead of colliding ~3.5-way), the nested-code table, and
+// the split-K reduction buffer.
+template <int NT, int RT>
+constexpr int smem_bytes() {
+  return 256 * 32 * 4 + 256 * 4 + kWarps * RT * NT * 4 * 32 * 4;
+}
+
 template <typename T, int NT, int RT, bool DQ>
 __global__ void __launch_bounds__(kWarps * 32) gemm_mma_kernel(const T* __restrict__ x, W4View w,
                                                                const T* __restrict__ bias, T* __restrict__ y, int M,
                                                                int N, int K) {
-  __shared__ uint32_t table[256];  // byte -> (code[hi], code[lo]) as one T2 register
-  __shared__ float ncode[256];
-  __shared__ float red[kWarps][RT * NT * 4][32];
+  extern __shared__ uint4 smem[];
+  uint32_t* table = reinterpret_cast<uint32_t*>(smem);
+  float* ncode = reinterpret_cast<float*>(table + 256 * 32);
+  float(*red)[RT * NT * 4][32] = reinterpret_cast<float(*)[RT * NT * 4][32]>(ncode + 256);
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32, g = lane / 4, tig = lane % 4;
-  for (int i = tid; i < 256; i += kWarps * 32) {
-    table[i] = Cvt<T>::pack(__ldg(w.code + (i >> 4)), __ldg(w.code + (i & 15)));
-    if (DQ) ncode[i] = __ldg(w.nested_code + i);
+  {
+    const uint32_t v = Cvt<T>::pack(__ldg(w.code + (tid >> 4)), __ldg(w.code + (tid & 15)));
+#pragma unroll
+    for (int i = 0; i < 8; ++i) smem[tid * 8 + i] = make_uint4(v, v, v, v);  // 32 copies of entry tid
+    if (DQ) ncode[tid] = __ldg(w.nested_code + tid);
   }
   __syncthreads();
+  const uint32_t lane_off = 4 * lane;  // this lane's copy of the table
   const float offset = DQ ? __ldg(w.nested_offset) : 0.f;
   // nested blocks are 256 absmax values in practice: a shift instead of an integer division
   const int nbs_log2 = (w.nested_bs & (w.nested_bs - 1)) == 0 ? __ffs(w.nested_bs) - 1 : -1;
-  const int r0 = blockIdx.x * 16 * RT, m0 = blockIdx.y * 8 * NT;
+  const int m0 = blockIdx.y * 8 * NT;
   const int KC = K / 32;  // 32-k chunks per row
+  const int ntiles = (N + 16 * RT - 1) / (16 * RT);
 
+  // Persistent blocks: one table build per block, no tail wave of short-lived blocks.
+  for (int tile = blockIdx.x; tile < ntiles; tile += gridDim.x) {
+  const int r0 = tile * 16 * RT;
   float acc[RT][NT][4];
 #pragma unroll
   for (int rt = 0; rt < RT; ++rt)
@@ -154,9 +170,10 @@ __global__ void __launch_bounds__(kWarps * 32) gemm_mma_kernel(const T* __restri
           for (int h = 0; h < 2; ++h) {
             const uint4 q = cur.wq[u][rt][h];
             const uint32_t word = (s < 2) ? q.x : (s < 4) ? q.y : (s < 6) ? q.z : q.w;
-            const int sh = 16 * (s & 1);
-            a[h] = Mma<T>::mul2(table[(word >> sh) & 0xff], scale[u][rt][h]);          // slots 2tig, 2tig+1
-            a[2 + h] = Mma<T>::mul2(table[(word >> (sh + 8)) & 0xff], scale[u][rt][h]);  // slots 2tig+8, +9
+            const uint32_t o0 = (s & 1) ? lut_offset<2>(word, lane_off) : lut_offset<0>(word, lane_off);
+            const uint32_t o1 = (s & 1) ? lut_offset<3>(word, lane_off) : lut_offset<1>(word, lane_off);
+            a[h] = Mma<T>::mul2(lut<uint32_t>(table, o0), scale[u][rt][h]);      // slots 2tig, 2tig+1
+            a[2 + h] = Mma<T>::mul2(lut<uint32_t>(table, o1), scale[u][rt][h]);  // slots 2tig+8, +9
           }
 #pragma unroll
           for (int nt = 0; nt < NT; ++nt) Mma<T>::run(acc[rt][nt], a, bf[nt]);
@@ -167,6 +184,7 @@ __global__ void __launch_bounds__(kWarps * 32) gemm_mma_kernel(const T* __restri
   }
 
   // Split-K reduction over the warps, then the epilogue: c0,c1 = (row g, m 2tig, 2tig+1), c2,c3 = row g+8.
+  __syncthreads();  // the previous tile's epilogue has finished reading red
 #pragma unroll
   for (int rt = 0; rt < RT; ++rt)
 #pragma unroll
@@ -187,15 +205,38 @@ __global__ void __launch_bounds__(kWarps * 32) gemm_mma_kernel(const T* __restri
       y[static_cast<int64_t>(m) * N + row] = Cvt<T>::from(sum);
     }
   }
+  }  // tile loop
+}
+
+// Blocks per SM for one instantiation (over 48 KB of shared memory needs the opt-in attribute), asked once.
+template <typename Kernel>
+int resident_blocks(Kernel kernel, int smem) {
+  C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
+  int blocks = 0;
+  C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, kernel, kWarps * 32, smem));
+  return std::max(blocks, 1);
+}
+
+template <typename T, int NT, int RT, bool DQ>
+void launch_one(const at::Tensor& x2, const W4View& v, const T* bias, at::Tensor& y, int M, int N, int K) {
+  constexpr int smem = smem_bytes<NT, RT>();
+  static const int per_sm = resident_blocks(gemm_mma_kernel<T, NT, RT, DQ>, smem);
+  const int sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+  const int64_t tiles = ceil_div(N, 16 * RT), mtiles = ceil_div(M, 8 * NT);
+  const dim3 grid(static_cast<unsigned>(std::min<int64_t>(tiles, std::max<int64_t>(1, per_sm * sms / mtiles))),
+                  static_cast<unsigned>(mtiles));
+  gemm_mma_kernel<T, NT, RT, DQ><<<grid, kWarps * 32, smem, at::cuda::getCurrentCUDAStream()>>>(
+      static_cast<const T*>(x2.data_ptr()), v, bias, static_cast<T*>(y.data_ptr()), M, N, K);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 template <typename T, int NT, int RT>
 void launch(const at::Tensor& x2, const W4View& v, const T* bias, at::Tensor& y, int M, int N, int K) {
-  const dim3 grid(static_cast<unsigned>(ceil_div(N, 16 * RT)), static_cast<unsigned>(ceil_div(M, 8 * NT)));
-  auto kernel = v.nested_absmax != nullptr ? gemm_mma_kernel<T, NT, RT, true> : gemm_mma_kernel<T, NT, RT, false>;
-  kernel<<<grid, kWarps * 32, 0, at::cuda::getCurrentCUDAStream()>>>(static_cast<const T*>(x2.data_ptr()), v, bias,
-                                                                      static_cast<T*>(y.data_ptr()), M, N, K);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  if (v.nested_absmax != nullptr) {
+    launch_one<T, NT, RT, true>(x2, v, bias, y, M, N, K);
+  } else {
+    launch_one<T, NT, RT, false>(x2, v, bias, y, M, N, K);
+  }
 }
 
 template <typename T>
@@ -208,7 +249,7 @@ void dispatch(const at::Tensor& x2, const W4View& v, const T* bias, at::Tensor& 
   } else if (M <= 16) {
     two ? launch<T, 2, 2>(x2, v, bias, y, M, N, K) : launch<T, 2, 1>(x2, v, bias, y, M, N, K);
   } else if (M <= 32) {
-    two ? launch<T, 4, 2>(x2, v, bias, y, M, N, K) : launch<T, 4, 1>(x2, v, bias, y, M, N, K);
+    launch<T, 4, 1>(x2, v, bias, y, M, N, K);  // two row tiles would need 255 registers
   } else {
     launch<T, 8, 1>(x2, v, bias, y, M, N, K);
   }

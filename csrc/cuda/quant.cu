@@ -89,73 +89,91 @@ __global__ void __launch_bounds__(kThreads) dequant8_kernel(const uint8_t* __res
 }
 
 // ---- 4-bit dequantize into a strided rectangle -------------------------------------------------------------
-// Each thread decodes one chunk of 32 outputs of one row: a 16-byte load of packed codes, one absmax (a chunk
-// whose first element is a multiple of 32 lies in one block, since blocks are powers of two >= 32), then one
-// shared-memory lookup per byte gives both of its values (a 256-entry table of float pairs).
+// A warp decodes a unit of 1024 consecutive outputs of one row per step: lane l takes 4-byte words of packed
+// codes at 128j + 4l (j = 0..3, coalesced 128-byte loads) and writes their 8 outputs at 256j + 8l, so each
+// 16-byte store instruction of the warp covers 512 contiguous bytes. A group of 8 lies in one absmax block
+// (blocks are powers of two >= 32). One shared-memory lookup gives both values of a byte: a 256-entry table of
+// float pairs, replicated 16 times so that the 16 lanes of each half-warp read distinct banks (random codes
+// would otherwise collide ~4-way). Grid-stride over units with the whole GPU resident; leftovers (partial
+// units, unaligned buffers, rows that are not multiples of 32) go through the elementwise path at the end.
+constexpr int kDqThreads = 512;
+constexpr int kCopies = 16;
+constexpr int kUnit = 1024;
+
+// The 4 table entries of a word's bytes (entries 128 bytes apart: 16 copies of a float2).
+__device__ __forceinline__ void lookup4(uint32_t word, const float2* tab, uint32_t lane_off, float2 c[4]) {
+  c[0] = lut<float2>(tab, lut_offset<0>(word, lane_off));
+  c[1] = lut<float2>(tab, lut_offset<1>(word, lane_off));
+  c[2] = lut<float2>(tab, lut_offset<2>(word, lane_off));
+  c[3] = lut<float2>(tab, lut_offset<3>(word, lane_off));
+}
+
 template <typename T>
-__device__ __forceinline__ void store_chunk(T* o, uint4 p, const float2* pairs, float a);
+__device__ __forceinline__ void store8(T* o, uint32_t word, const float2* tab, uint32_t lane_off, float a) {
+  float2 c[4];
+  lookup4(word, tab, lane_off, c);
+  uint32_t out[4];
+#pragma unroll
+  for (int j = 0; j < 4; ++j) out[j] = Cvt<T>::pack(__fmul_rn(c[j].x, a), __fmul_rn(c[j].y, a));
+  *reinterpret_cast<uint4*>(o) = make_uint4(out[0], out[1], out[2], out[3]);
+}
 
 template <>
-__device__ __forceinline__ void store_chunk<float>(float* o, uint4 p, const float2* pairs, float a) {
-  const uint32_t words[4] = {p.x, p.y, p.z, p.w};
+__device__ __forceinline__ void store8<float>(float* o, uint32_t word, const float2* tab, uint32_t lane_off, float a) {
+  float2 c[4];
+  lookup4(word, tab, lane_off, c);
+  float v[8];
 #pragma unroll
-  for (int w = 0; w < 4; ++w) {
-    float v[8];
-#pragma unroll
-    for (int j = 0; j < 4; ++j) {
-      const float2 c = pairs[(words[w] >> (8 * j)) & 0xff];
-      v[2 * j] = __fmul_rn(c.x, a);
-      v[2 * j + 1] = __fmul_rn(c.y, a);
-    }
-    reinterpret_cast<float4*>(o)[2 * w] = make_float4(v[0], v[1], v[2], v[3]);
-    reinterpret_cast<float4*>(o)[2 * w + 1] = make_float4(v[4], v[5], v[6], v[7]);
+  for (int j = 0; j < 4; ++j) {
+    v[2 * j] = __fmul_rn(c[j].x, a);
+    v[2 * j + 1] = __fmul_rn(c[j].y, a);
   }
+  reinterpret_cast<float4*>(o)[0] = make_float4(v[0], v[1], v[2], v[3]);
+  reinterpret_cast<float4*>(o)[1] = make_float4(v[4], v[5], v[6], v[7]);
 }
 
 template <typename T>
-__device__ __forceinline__ void store_chunk(T* o, uint4 p, const float2* pairs, float a) {
-  const uint32_t words[4] = {p.x, p.y, p.z, p.w};
-#pragma unroll
-  for (int w = 0; w < 4; ++w) {
-    uint32_t out[4];
-#pragma unroll
-    for (int j = 0; j < 4; ++j) {
-      const float2 c = pairs[(words[w] >> (8 * j)) & 0xff];
-      out[j] = Cvt<T>::pack(__fmul_rn(c.x, a), __fmul_rn(c.y, a));
-    }
-    reinterpret_cast<uint4*>(o)[w] = make_uint4(out[0], out[1], out[2], out[3]);
-  }
-}
-
-template <typename T>
-__global__ void __launch_bounds__(kThreads) dequant4_kernel(W4View w, int64_t row_len, int64_t row0, int64_t nrows,
-                                                            int64_t col0, int64_t ncols, int64_t chunks_per_row,
-                                                            T* __restrict__ out, int64_t ld, bool vec) {
-  __shared__ float2 pairs[256];
+__global__ void __launch_bounds__(kDqThreads, 4) dequant4_kernel(W4View w, int64_t row_len, int64_t row0, int64_t nrows,
+                                                              int64_t col0, int64_t ncols, T* __restrict__ out,
+                                                              int64_t ld, bool vec) {
+  __shared__ float2 tab[256 * kCopies];
   __shared__ float ncode[256];
-  const int tid = threadIdx.x;
-  pairs[tid] = make_float2(__ldg(w.code + (tid >> 4)), __ldg(w.code + (tid & 15)));
-  if (w.nested_absmax != nullptr) ncode[tid] = __ldg(w.nested_code + tid);
+  const int tid = threadIdx.x, lane = tid % 32;
+  for (int i = tid; i < 256 * kCopies; i += kDqThreads) {
+    const int e = i / kCopies;
+    tab[i] = make_float2(__ldg(w.code + (e >> 4)), __ldg(w.code + (e & 15)));
+  }
+  if (w.nested_absmax != nullptr && tid < 256) ncode[tid] = __ldg(w.nested_code + tid);
   __syncthreads();
   const float offset = w.nested_absmax != nullptr ? __ldg(w.nested_offset) : 0.f;
-  const int64_t t = static_cast<int64_t>(blockIdx.x) * kThreads + tid;
-  if (t >= nrows * chunks_per_row) return;
-  const int64_t r = nrows == 1 ? 0 : t / chunks_per_row;
-  const int64_t c = (t - r * chunks_per_row) * 32;
-  const int64_t e0 = (row0 + r) * row_len + col0 + c;
-  T* o = out + r * ld + c;
-  if (vec && c + 32 <= ncols) {
-    const float a = block_absmax(w, ncode, offset, static_cast<uint32_t>(e0 >> w.log2_bs));
-    store_chunk<T>(o, ld_stream16(w.packed + (e0 >> 1)), pairs, a);
-  } else {  // the generic path: any alignment, partial chunks, rows that are not multiples of 32
-    const int len = static_cast<int>(min(static_cast<int64_t>(32), ncols - c));
-    for (int i = 0; i < len; ++i) {
-      const int64_t e = e0 + i;
-      const uint8_t byte = w.packed[e >> 1];
-      const float2 c2 = pairs[(e & 1) ? low_nibble(byte) : (high_nibble(byte) << 4)];
-      const float v = (e & 1) ? c2.y : c2.x;  // pairs[lo].y == code[lo], pairs[hi << 4].x == code[hi]
-      o[i] = Cvt<T>::from(__fmul_rn(v, block_absmax(w, ncode, offset, static_cast<uint32_t>(e >> w.log2_bs))));
-    }
+  const uint32_t lane_off = 8 * (lane % kCopies);  // this half-warp lane's copy of the table
+
+  const int64_t upr = vec ? ncols / kUnit : 0, units = nrows * upr;
+  const int64_t nwarps = static_cast<int64_t>(gridDim.x) * (kDqThreads / 32);
+  for (int64_t u = static_cast<int64_t>(blockIdx.x) * (kDqThreads / 32) + tid / 32; u < units; u += nwarps) {
+    const int64_t r = nrows == 1 ? 0 : u / upr, c = (u - r * upr) * kUnit;
+    const int64_t e0 = (row0 + r) * row_len + col0 + c + 8 * lane;
+    uint32_t word[4];
+    float a[4];
+#pragma unroll
+    for (int j = 0; j < 4; ++j) word[j] = __ldg(reinterpret_cast<const uint32_t*>(w.packed + ((e0 + 256 * j) >> 1)));
+#pragma unroll
+    for (int j = 0; j < 4; ++j) a[j] = block_absmax(w, ncode, offset, static_cast<uint32_t>((e0 + 256 * j) >> w.log2_bs));
+    T* o = out + r * ld + c + 8 * lane;
+#pragma unroll
+    for (int j = 0; j < 4; ++j) store8<T>(o + 256 * j, word[j], tab, lane_off, a[j]);
+  }
+
+  // Elementwise path for everything the units did not cover.
+  const int64_t rem = ncols - upr * kUnit, tail = nrows * rem;
+  const int64_t nthreads = static_cast<int64_t>(gridDim.x) * kDqThreads;
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * kDqThreads + tid; i < tail; i += nthreads) {
+    const int64_t r = i / rem, c = upr * kUnit + (i - r * rem);
+    const int64_t e = (row0 + r) * row_len + col0 + c;
+    const uint8_t byte = w.packed[e >> 1];
+    const float2 c2 = tab[((e & 1) ? low_nibble(byte) : (high_nibble(byte) << 4)) * kCopies];
+    const float v = (e & 1) ? c2.y : c2.x;  // entry lo has .y == code[lo]; entry hi << 4 has .x == code[hi]
+    out[r * ld + c] = Cvt<T>::from(__fmul_rn(v, block_absmax(w, ncode, offset, static_cast<uint32_t>(e >> w.log2_bs))));
   }
 }
 
@@ -278,15 +296,17 @@ void dequant4_rect(const W4& w, int64_t row_len, int64_t row0, int64_t nrows, in
               "nf4q: dequantize rectangle out of range");
   if (nrows == 0 || ncols == 0) return;
   c10::cuda::CUDAGuard guard(out.device());
-  const int64_t cpr = ceil_div(ncols, 32);
   auto stream = at::cuda::getCurrentCUDAStream();
+  const int sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
   dispatch_float_types(out.scalar_type(), "dequantize_4bit", [&](auto tag) {
     using T = decltype(tag);
     T* dst = static_cast<T*>(out.data_ptr());
     const bool vec = aligned16(v.packed) && aligned16(dst) && (row0 * row_len + col0) % 32 == 0 &&
                      (nrows == 1 || (row_len % 32 == 0 && (ld * static_cast<int64_t>(sizeof(T))) % 16 == 0));
-    dequant4_kernel<T><<<grid_for(nrows * cpr, kThreads), kThreads, 0, stream>>>(v, row_len, row0, nrows, col0,
-                                                                                  ncols, cpr, dst, ld, vec);
+    // enough blocks to fill the GPU (4 of 512 threads per SM), fewer for small tensors
+    const int64_t work = vec ? nrows * (ncols / kUnit) * 32 + nrows * (ncols % kUnit) : nrows * ncols;
+    const unsigned grid = static_cast<unsigned>(std::clamp<int64_t>(ceil_div(work, kDqThreads), 1, 4 * sms));
+    dequant4_kernel<T><<<grid, kDqThreads, 0, stream>>>(v, row_len, row0, nrows, col0, ncols, dst, ld, vec);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
 }
