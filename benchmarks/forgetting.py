@@ -151,10 +151,10 @@ def add_lora(model, cfg, quantize):
 
 def run_arm(name, pretrained, buffer, data, cfg, seed):
     """Fine-tune a copy of `pretrained` on B as arm `name`. Returns a dict: A and B loss at the start and end,
-    seconds (evaluations excluded) and, for plain full fine-tuning, the (B loss, A loss) trajectory."""
+    CPU seconds (evaluations excluded) and, for plain full fine-tuning, the (B loss, A loss) trajectory."""
     torch.manual_seed(1000 + seed)  # LoRA init and anything else random inside the arm
     model = copy.deepcopy(pretrained)
-    t0 = time.perf_counter()
+    t0 = time.process_time()  # CPU seconds: wall time on an idle core, whatever the load
     lora = name.startswith(("LoRA", "QLoRA"))
     if lora:
         model = add_lora(model, cfg, quantize=name.startswith("QLoRA"))
@@ -172,14 +172,14 @@ def run_arm(name, pretrained, buffer, data, cfg, seed):
     def record(step, _):  # full FT stopped early at every B loss it passes: the reference for "equal B loss"
         nonlocal eval_s
         if name == "full" and step % cfg.traj_every == 0 and step < cfg.steps_b:
-            t = time.perf_counter()
+            t = time.process_time()
             traj.append((evaluate(model, data["b_eval"]), evaluate(model, data["a_eval"])))
-            eval_s += time.perf_counter() - t
+            eval_s += time.process_time() - t
 
     gen_b = torch.Generator().manual_seed(3000 + seed)  # the same B batches for every arm of a seed
     lr = cfg.lr_lora if lora else cfg.lr_full
     train(model, batches(data["b_train"], cfg.steps_b, cfg.bs, cfg.ctx, gen_b), lr, extra, record)
-    secs = time.perf_counter() - t0 - eval_s
+    secs = time.process_time() - t0 - eval_s
     a1, b1 = evaluate(model, data["a_eval"]), evaluate(model, data["b_eval"])
     traj.append((b1, a1))
     return {"a0": a0, "a1": a1, "b0": b0, "b1": b1, "secs": secs, "traj": traj}
@@ -215,27 +215,29 @@ def load_data(cfg):
 
 
 def run_seed(seed, cfg, arms):
-    """Pretrain on A with `seed`, then every arm; returns ((A, B) after pretraining, {arm: run_arm(...)})."""
+    """Pretrain on A with `seed`, then every arm; returns ((A, B) after pretraining, {arm: run_arm(...)}, CPU s)."""
     # per-sample Fisher runs attention through vmap's (correct, slower) fallback: say it once, not per batch
     warnings.filterwarnings("ignore", message="There is a performance drop")
+    cpu0 = time.process_time()
     torch.set_num_threads(cfg.threads)
     data = load_data(cfg)
     torch.manual_seed(seed)
     model = TinyLM(cfg.d, cfg.layers, 4, cfg.ctx)
     buffer = ReplayBuffer(cfg.replay_capacity, seed=seed)  # sees every A batch: a uniform sample of A
-    t0 = time.perf_counter()
+    t0 = time.process_time()
     gen_a = torch.Generator().manual_seed(seed)
-    train(model, batches(data["a_train"], cfg.steps_a, cfg.bs, cfg.ctx, gen_a), cfg.lr_a, step_hook=lambda _, b: buffer.add(b))
+    train(model, batches(data["a_train"], cfg.steps_a, cfg.bs, cfg.ctx, gen_a), cfg.lr_a,
+          step_hook=lambda _, b: buffer.add(b))
     pre = (evaluate(model, data["a_eval"]), evaluate(model, data["b_eval"]))
-    print(f"seed {seed}: pretrained on A in {time.perf_counter() - t0:.1f}s, A {pre[0]:.3f}, B {pre[1]:.3f}",
+    print(f"seed {seed}: pretrained on A in {time.process_time() - t0:.1f} CPU s, A {pre[0]:.3f}, B {pre[1]:.3f}",
           file=sys.stderr, flush=True)
     out = {}
     for arm in arms:
         out[arm] = r = run_arm(arm, model, buffer, data, cfg, seed)
         print(f"  seed {seed} {arm:14s} A {r['a0']:.3f} -> {r['a1']:.3f}   B {r['b0']:.3f} -> {r['b1']:.3f}   "
-              f"{r['secs']:.1f}s",
+              f"{r['secs']:.1f} CPU s",
               file=sys.stderr, flush=True)
-    return pre, out
+    return pre, out, time.process_time() - cpu0  # CPU seconds: about the wall time on an idle core
 
 
 def main(argv=None):
@@ -243,9 +245,10 @@ def main(argv=None):
     p.add_argument("--quick", action="store_true", help="1 seed, fewer steps (smoke run)")
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--first-seed", type=int, default=0, help="seeds first_seed .. first_seed + seeds - 1")
-    p.add_argument("--jobs", type=int, default=2, help="seeds run in parallel processes (2 cores: 2)")
+    p.add_argument("--jobs", type=int, default=3,
+                   help="processes, one seed each (3 on 2 cores: no core idles while the last seed runs alone)")
     p.add_argument("--threads", type=int, default=1,
-                   help="torch threads per process (1: a tiny model gains little from more, and loses much on a busy CPU)")
+                   help="torch threads per process (1: a tiny model gains little from more, loses much on a busy CPU)")
     p.add_argument("--steps-a", type=int, default=400)
     p.add_argument("--steps-b", type=int, default=150)
     p.add_argument("--bs", type=int, default=16)
@@ -285,6 +288,7 @@ def main(argv=None):
             outs = list(pool.map(run_seed, seeds, [cfg] * len(seeds), [arms] * len(seeds)))
     pre = [o[0] for o in outs]
     results = {a: [o[1][a] for o in outs] for a in arms}
+    cpu = sum(o[2] for o in outs)
     total = time.perf_counter() - t_start
 
     def ms(xs):
@@ -299,11 +303,12 @@ def main(argv=None):
           f"(LoRA/QLoRA λ={cfg.ewc_lam_lora:g}), Fisher on {cfg.fisher_batches}×{cfg.bs} A sequences; replay "
           f"{cfg.replay_n} A sequences per step (λ={cfg.replay_lam:g}, capacity {cfg.replay_capacity}). "
           f"Mean ± std over {cfg.seeds} seed(s), nats/byte on held-out text. Total {total:.0f}s wall, "
-          f"{jobs} process(es) × {cfg.threads} thread(s), torch {torch.__version__}, {platform.machine()}. Last column: "
+          f"{cpu:.0f} CPU s, {jobs} process(es) × {cfg.threads} thread(s), torch {torch.__version__}, "
+          f"{platform.machine()}. \"full FT ΔA at this B loss\": "
           f"the forgetting of plain full fine-tuning stopped early where its B loss equals the arm's final B loss.\n")
     print(f"Pretrained on A: A loss {ms([a for a, _ in pre])}, B loss {ms([b for _, b in pre])}\n")
     print("| arm | A loss before | A loss after | forgetting ΔA | B loss before | B loss after | "
-          "full FT ΔA at this B loss | s/run |")
+          "full FT ΔA at this B loss | CPU s/run |")
     print("|---|---|---|---|---|---|---|---|")
     for arm in arms:
         r = results[arm]

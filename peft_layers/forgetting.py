@@ -194,8 +194,9 @@ class EWC:
                         part = self._per_sample(wrapper, params, batch, chunk_size)
                         estimator = "per_sample"
                     except Exception as err:  # vmap cannot trace this model/loss: fall back, say why
-                        warnings.warn(f"EWC: per-sample Fisher failed ({type(err).__name__}: {str(err)[:200]}); "
-                                      "using per-batch squared gradients", RuntimeWarning, stacklevel=2)
+                        why = str(err).splitlines()[0][:300] if str(err) else ""
+                        warnings.warn(f"EWC: per-sample Fisher failed ({type(err).__name__}: {why}); using per-batch "
+                                      "squared gradients", RuntimeWarning, stacklevel=2)
                         estimator = "per_batch"
                         part = self._per_batch(wrapper, params, batch, size)
                 elif estimator == "per_sample":

@@ -11,6 +11,7 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <vector>
 
 #include "../common/adamw.h"
@@ -120,68 +121,82 @@ __global__ void __launch_bounds__(kThreads) adamw_kernel(const Slot* __restrict_
     s_tree2[t] = t ? adamw::tree_node(s_code2, t) : 0.f;
     __syncthreads();
   }
-  const int64_t unit = static_cast<int64_t>(blockIdx.x) * kWarps + (threadIdx.x >> 5);
-  if (unit >= total_units) return;  // whole warps only: the shuffles below stay full
   const int lane = threadIdx.x & 31;
+  // Grid-stride over units: 8-bit launches one wave of resident blocks, so the table setup above is paid
+  // once per block rather than once per 2048 elements; 32-bit launches one block per 8 units (one pass).
+  // The unit is warp-uniform, so whole warps enter and leave the loop and the shuffles stay full.
+  for (int64_t unit = static_cast<int64_t>(blockIdx.x) * kWarps + (threadIdx.x >> 5); unit < total_units;
+       unit += static_cast<int64_t>(gridDim.x) * kWarps) {
+    int lo = 0, hi = num - 1;  // the last tensor whose first unit is <= unit
+    while (lo < hi) {
+      const int mid = (lo + hi + 1) >> 1;
+      if (__ldg(starts + mid) <= unit) lo = mid; else hi = mid - 1;
+    }
+    const Slot s = slots[lo];
+    const int64_t b = unit - __ldg(starts + lo);  // block index inside the tensor
+    const int64_t off = b * kQBlock + lane * kPerLane;
+    const int64_t left = s.n - off;
+    const int cnt = left <= 0 ? 0 : (left >= kPerLane ? kPerLane : static_cast<int>(left));
+    const bool vec = s.vec != 0;
 
-  int lo = 0, hi = num - 1;  // the last tensor whose first unit is <= unit
-  while (lo < hi) {
-    const int mid = (lo + hi + 1) >> 1;
-    if (__ldg(starts + mid) <= unit) lo = mid; else hi = mid - 1;
+    float p[kPerLane], g[kPerLane], m[kPerLane], v[kPerLane];
+    load8(static_cast<const T*>(s.p) + off, p, cnt, vec);
+    load8(static_cast<const T*>(s.g) + off, g, cnt, vec);
+    uint8_t qm[kPerLane], qv[kPerLane];
+    if constexpr (Bits == 32) {
+      load8(static_cast<const float*>(s.m) + off, m, cnt, vec);
+      load8(static_cast<const float*>(s.v) + off, v, cnt, vec);
+    } else {
+      load_codes(static_cast<const uint8_t*>(s.m) + off, qm, cnt, vec);
+      load_codes(static_cast<const uint8_t*>(s.v) + off, qv, cnt, vec);
+      const float a1 = s.am1[b], a2 = s.am2[b];
+#pragma unroll
+      for (int i = 0; i < kPerLane; ++i) {
+        m[i] = i < cnt ? s_code1[qm[i]] * a1 : 0.f;
+        v[i] = i < cnt ? s_code2[qv[i]] * a2 : 0.f;
+      }
+    }
+#pragma unroll
+    for (int i = 0; i < kPerLane; ++i)
+      if (i < cnt) adamw::update(p[i], g[i], m[i], v[i], h);
+    store8(static_cast<T*>(s.p) + off, p, cnt, vec);
+    if constexpr (Bits == 32) {
+      store8(static_cast<float*>(s.m) + off, m, cnt, vec);
+      store8(static_cast<float*>(s.v) + off, v, cnt, vec);
+    } else {
+      float n1 = 0.f, n2 = 0.f;  // lanes past the end hold zeros, which leave the max alone
+#pragma unroll
+      for (int i = 0; i < kPerLane; ++i) {
+        n1 = fmaxf(n1, fabsf(m[i]));
+        n2 = fmaxf(n2, v[i]);
+      }
+      n1 = warp_max(n1);
+      n2 = warp_max(n2);
+      if (lane == 0) {
+        s.am1[b] = n1;
+        s.am2[b] = n2;
+      }
+      const float i1 = adamw::inv_absmax(n1), i2 = adamw::inv_absmax(n2);
+#pragma unroll
+      for (int i = 0; i < kPerLane; ++i) {
+        qm[i] = adamw::encode_tree(clamp_unit(m[i] * i1), s_tree1);
+        qv[i] = adamw::encode_tree(clamp_unit(v[i] * i2), s_tree2);
+      }
+      store_codes(static_cast<uint8_t*>(s.m) + off, qm, cnt, vec);
+      store_codes(static_cast<uint8_t*>(s.v) + off, qv, cnt, vec);
+    }
   }
-  const Slot s = slots[lo];
-  const int64_t b = unit - __ldg(starts + lo);  // block index inside the tensor
-  const int64_t off = b * kQBlock + lane * kPerLane;
-  const int64_t left = s.n - off;
-  const int cnt = left <= 0 ? 0 : (left >= kPerLane ? kPerLane : static_cast<int>(left));
-  const bool vec = s.vec != 0;
+}
 
-  float p[kPerLane], g[kPerLane], m[kPerLane], v[kPerLane];
-  load8(static_cast<const T*>(s.p) + off, p, cnt, vec);
-  load8(static_cast<const T*>(s.g) + off, g, cnt, vec);
-  uint8_t qm[kPerLane], qv[kPerLane];
-  if constexpr (Bits == 32) {
-    load8(static_cast<const float*>(s.m) + off, m, cnt, vec);
-    load8(static_cast<const float*>(s.v) + off, v, cnt, vec);
-  } else {
-    load_codes(static_cast<const uint8_t*>(s.m) + off, qm, cnt, vec);
-    load_codes(static_cast<const uint8_t*>(s.v) + off, qv, cnt, vec);
-    const float a1 = s.am1[b], a2 = s.am2[b];
-#pragma unroll
-    for (int i = 0; i < kPerLane; ++i) {
-      m[i] = i < cnt ? s_code1[qm[i]] * a1 : 0.f;
-      v[i] = i < cnt ? s_code2[qv[i]] * a2 : 0.f;
-    }
-  }
-#pragma unroll
-  for (int i = 0; i < kPerLane; ++i)
-    if (i < cnt) adamw::update(p[i], g[i], m[i], v[i], h);
-  store8(static_cast<T*>(s.p) + off, p, cnt, vec);
-  if constexpr (Bits == 32) {
-    store8(static_cast<float*>(s.m) + off, m, cnt, vec);
-    store8(static_cast<float*>(s.v) + off, v, cnt, vec);
-  } else {
-    float n1 = 0.f, n2 = 0.f;  // lanes past the end hold zeros, which leave the max alone
-#pragma unroll
-    for (int i = 0; i < kPerLane; ++i) {
-      n1 = fmaxf(n1, fabsf(m[i]));
-      n2 = fmaxf(n2, v[i]);
-    }
-    n1 = warp_max(n1);
-    n2 = warp_max(n2);
-    if (lane == 0) {
-      s.am1[b] = n1;
-      s.am2[b] = n2;
-    }
-    const float i1 = adamw::inv_absmax(n1), i2 = adamw::inv_absmax(n2);
-#pragma unroll
-    for (int i = 0; i < kPerLane; ++i) {
-      qm[i] = adamw::encode_tree(clamp_unit(m[i] * i1), s_tree1);
-      qv[i] = adamw::encode_tree(clamp_unit(v[i] * i2), s_tree2);
-    }
-    store_codes(static_cast<uint8_t*>(s.m) + off, qm, cnt, vec);
-    store_codes(static_cast<uint8_t*>(s.v) + off, qv, cnt, vec);
-  }
+// Blocks of the 8-bit kernel that fit on the GPU at once (one full wave), queried once per dtype.
+template <typename T>
+int64_t resident_blocks_8bit() {
+  static const int64_t count = [] {
+    int per_sm = 0;
+    C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, adamw_kernel<T, 8>, kThreads, 0));
+    return static_cast<int64_t>(std::max(per_sm, 1)) * at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+  }();
+  return count;
 }
 
 bool aligned(const void* p, int bytes) { return reinterpret_cast<uintptr_t>(p) % bytes == 0; }
@@ -238,14 +253,17 @@ void launch(at::TensorList params, at::TensorList grads, at::TensorList ms, at::
   const int64_t* d_starts = dev_table.data_ptr<int64_t>() + num * slot_words;
   const float* c1 = bits == 8 ? code1.data_ptr<float>() : nullptr;
   const float* c2 = bits == 8 ? code2.data_ptr<float>() : nullptr;
-  const dim3 grid(static_cast<unsigned>(ceil_div(units, kWarps)));
+  const int64_t blocks = ceil_div(units, kWarps);
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   const auto dtype = params[0].scalar_type();
 #define NF4Q_LAUNCH(T)                                                                                        \
-  if (bits == 8)                                                                                               \
+  if (bits == 8) {                                                                                             \
+    const dim3 grid(static_cast<unsigned>(std::min<int64_t>(blocks, resident_blocks_8bit<T>())));    \
     adamw_kernel<T, 8><<<grid, kThreads, 0, stream>>>(d_slots, d_starts, num, units, h, c1, c2);               \
-  else                                                                                                         \
-    adamw_kernel<T, 32><<<grid, kThreads, 0, stream>>>(d_slots, d_starts, num, units, h, c1, c2);
+  } else {                                                                                                     \
+    const dim3 grid(static_cast<unsigned>(blocks));                                                            \
+    adamw_kernel<T, 32><<<grid, kThreads, 0, stream>>>(d_slots, d_starts, num, units, h, c1, c2);              \
+  }
   if (dtype == at::kFloat) {
     NF4Q_LAUNCH(float)
   } else if (dtype == at::kHalf) {

@@ -108,6 +108,9 @@ void prefetch(at::TensorList tensors, int64_t device) {
     const size_t bytes = t.numel() * t.element_size();
     if (bytes == 0) continue;
     TORCH_CHECK_VALUE(t.is_contiguous(), "nf4q: prefetch: tensors must be contiguous");
+    cudaPointerAttributes attr{};
+    C10_CUDA_CHECK(cudaPointerGetAttributes(&attr, t.data_ptr()));
+    if (attr.type != cudaMemoryTypeManaged) continue;  // ordinary device memory has nowhere to go
     prefetch_range(t.data_ptr(), bytes, static_cast<int>(device), stream);
   }
 }
