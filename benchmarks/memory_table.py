@@ -202,7 +202,7 @@ def measure(arch, size, mode, device, batch, seq_len, rank, steps=2):
            "analytic_weight_B_per_param": analytic(mode, n_params, trainable, q_numel, weights_only=True),
            "analytic_B_per_param": analytic(mode, n_params, trainable, q_numel),
            "grad_bytes": grads, "state_bytes": states, "activation_bytes": sum(saved.values()),
-           "loss": float(loss), "step_s": seconds, "notes": "; ".join(notes)}
+           "loss": loss.item(), "step_s": seconds, "notes": "; ".join(notes)}
     row["static_B_per_param"] = (weights + grads + states) / n_params
     row["accounted_bytes"] = weights + grads + states + row["activation_bytes"]
     if device.type == "cuda":

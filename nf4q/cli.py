@@ -23,7 +23,7 @@ def cmd_demo(args) -> int:
     try:
         demo.run(model_path=args.model, steps=args.steps, batch_size=args.batch_size, lr=args.lr, rank=args.rank,
                  alpha=args.alpha, device=args.device, seed=args.seed)
-    except (FileNotFoundError, ImportError, RuntimeError) as e:
+    except (OSError, ImportError, RuntimeError, ValueError) as e:  # no model/tokenizer, no peft_layers, ...
         raise CliError(str(e)) from None
     return EXIT_OK
 

@@ -178,7 +178,12 @@ def run(model_path=None, steps=30, batch_size=16, lr=1e-3, rank=8, alpha=16, dev
     threads = f", {torch.get_num_threads()} threads" if dev.type == "cpu" else f" ({torch.cuda.get_device_name(dev)})"
     say(f"nf4q {nf4q.__version__} demo: {name} on {dev}{threads}, torch {torch.__version__}")
 
-    tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    if "quantization_config" in (path / "config.json").read_text() if (path / "config.json").is_file() else False:
+        raise ValueError(f"{path} is already quantized; the demo starts from a full-precision model")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{path} has no usable tokenizer: {str(e).splitlines()[0]}") from None
     if tokenizer.pad_token is None:  # decoder tokenizers (Llama, GPT-2) have none
         tokenizer.pad_token = tokenizer.eos_token
     fp32 = AutoModel.from_pretrained(path, local_files_only=True, dtype=torch.float32).to(dev).eval()
@@ -217,8 +222,8 @@ def run(model_path=None, steps=30, batch_size=16, lr=1e-3, rank=8, alpha=16, dev
     # ---- QLoRA fine-tune ----
     train_x, train_y = sentiment_task(0, 256)
     test_x, test_y = sentiment_task(1, 128)
-    train_emb = embed.encode(model, train_x)
-    head = CosineHead(torch.stack([train_emb[train_y == c].mean(0) for c in range(2)])).to(dev)
+    train_emb = embed.encode(model, train_x[:96])  # 96 sentences pin the class centroids well enough
+    head = CosineHead(torch.stack([train_emb[train_y[:96] == c].mean(0) for c in range(2)])).to(dev)
     targets = sorted({n.rpartition(".")[2] for n, m in model.named_modules() if isinstance(m, nf4q.Linear4bit)})
     peft = attach_lora(model, rank, alpha, targets)
     adapters = [p for p in peft.parameters() if p.requires_grad]
@@ -246,11 +251,11 @@ def run(model_path=None, steps=30, batch_size=16, lr=1e-3, rank=8, alpha=16, dev
         losses.append(loss.item())
         bar.set_postfix(loss=f"{loss.item():.4f}")
     bar.close()
-    acc1, loss1 = evaluate(peft, head, embed, test_x, test_y)
     first = sum(losses[:5]) / max(len(losses[:5]), 1)
     last = sum(losses[-5:]) / max(len(losses[-5:]), 1)
     say(f"      train loss: {first:.4f} (first 5 steps) -> {last:.4f} (last 5 steps), {steps} steps of "
         f"{batch_size}", stamp=True)
+    acc1, loss1 = evaluate(peft, head, embed, test_x, test_y)
     say(f"      after : test accuracy {100 * acc1:.1f}%, test loss {loss1:.4f}", stamp=True)
     elapsed = time.perf_counter() - start
     say(f"done in {elapsed:.1f} s")

@@ -111,3 +111,21 @@ def test_demo_five_steps_on_cpu(capsys):
     assert loss and all(math.isfinite(float(x)) for x in loss.groups()), out
     assert re.search(r"bits/param of the quantized weights: 4\.\d+", out)
     assert "before: test accuracy" in out and "after : test accuracy" in out
+
+
+def test_memory_table_accounting_matches_the_analytic_bytes():
+    # The Llama arm of benchmarks/memory_table.py on a tiny config, on the CPU (the GPU arm runs the same code).
+    pytest.importorskip("transformers")
+    pytest.importorskip("peft_layers")
+    from benchmarks import memory_table
+
+    rows = {r["mode"]: r for r in memory_table.main(["--sizes", "tiny", "--llama-device", "cpu", "--seq-len", "16",
+                                                      "--no-cpu"])}
+    assert set(rows) == set(memory_table.MODES) and not any("error" in r for r in rows.values())
+    for mode in ("full", "full-mixed", "lora"):
+        assert rows[mode]["static_B_per_param"] == pytest.approx(rows[mode]["analytic_B_per_param"], rel=1e-3)
+    q = rows["qlora"]
+    assert q["nf4_B_per_param"] == pytest.approx(memory_table.NF4_DQ_BYTES, rel=1e-3)
+    assert q["weight_bytes"] < 0.7 * rows["lora"]["weight_bytes"]
+    assert q["trainable"] == rows["lora"]["trainable"] > 0 and rows["full"]["trainable"] == rows["full"]["params"]
+    assert all(r["activation_bytes"] > 0 and math.isfinite(r["loss"]) for r in rows.values())
