@@ -300,3 +300,64 @@ def test_opcheck():
 
 def test_exported_from_nf4q():
     assert nf4q.optim.AdamW is AdamW and nf4q.optim.PagedAdamW8bit is PagedAdamW8bit
+
+
+class _FakeStream:
+    def wait_event(self, event):
+        pass
+
+
+class _FakeEvent:
+    def record(self, stream=None):
+        pass
+
+
+@pytest.mark.parametrize("bits", [32, 8])
+def test_page_manager_schedule_with_fake_cuda(monkeypatch, bits):
+    """The page manager's accounting and chunking, run on the CPU: the managed-memory ops and the CUDA
+    streams are replaced by fakes that record prefetches (CI has no GPU; tests/test_optim_cuda.py runs the
+    real thing)."""
+    import contextlib
+
+    from nf4q.optim import _kernels as K
+    from nf4q.optim.paging import PageManager
+
+    moves = []
+    monkeypatch.setattr(K, "managed_zeros", lambda nbytes, device, host_home: torch.zeros(nbytes, dtype=torch.uint8))
+    monkeypatch.setattr(K, "managed_stats", lambda: (0, 0))
+    monkeypatch.setattr(K, "prefetch", lambda ts, device: moves.append((device, sum(t.nbytes for t in ts))))
+    monkeypatch.setattr(torch.cuda, "Stream", lambda device=None: _FakeStream())
+    monkeypatch.setattr(torch.cuda, "Event", _FakeEvent)
+    monkeypatch.setattr(torch.cuda, "stream", lambda s: contextlib.nullcontext())
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: _FakeStream())
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (1 << 34, 1 << 35))
+
+    def page_manager(self, device):  # a page manager for CPU tensors
+        if self.paged and device not in self._pagers:
+            self._pagers[device] = PageManager(torch.device("cuda", 0), self.gpu_budget_bytes)
+        return self._pagers.get(device)
+
+    shapes = [(256, 256)] * 4 + [(1000, 1003), (77,)]  # the (1000, 1003) states exceed the budget: sliced
+    ref, ours = make_params(shapes), make_params(shapes)
+    plain = AdamW(ref, lr=1e-2, bits=bits)
+    run(lambda ps: plain, ref, 1)
+    budget = sum(t.nbytes for st in plain.state.values() for t in st.values() if isinstance(t, torch.Tensor)) // 4
+    monkeypatch.setattr(AdamW, "page_manager", page_manager)
+    paged = AdamW(ours, lr=1e-2, bits=bits, paged=True, gpu_budget_bytes=budget)
+    run(lambda ps: paged, ours, 1)
+    run(lambda ps: plain, ref, 4, start=1)
+    run(lambda ps: paged, ours, 4, start=1)
+    pager = paged._pagers[ours[0].device]
+    assert len(pager._entries) > len(shapes)  # the big parameter is paged in slices
+    assert 0 < pager.peak_resident_bytes <= budget and pager.resident_bytes <= budget
+    to_gpu = sum(b for d, b in moves if d == 0)
+    assert to_gpu == pager.bytes_to_device and to_gpu > 3 * budget  # every step streams states in and out
+    assert sum(b for d, b in moves if d == -1) == pager.bytes_to_host > 0
+    for a, b in zip(ref, ours):
+        assert torch.equal(a, b)
+        assert torch.equal(plain.state[a]["exp_avg"], paged.state[b]["exp_avg"])
+    saved = copy.deepcopy(paged.state_dict())  # loading keeps the slices registered and the budget
+    again = AdamW([torch.nn.Parameter(p.detach().clone()) for p in ours], bits=bits, paged=True,
+                  gpu_budget_bytes=budget)
+    again.load_state_dict(saved)
+    assert again._pagers[ours[0].device].resident_bytes == 0

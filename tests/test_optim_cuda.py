@@ -124,6 +124,18 @@ def test_paged_under_budget_identical_and_within_budget(bits):
     assert pager.resident_bytes <= budget
 
 
+def test_paged_splits_a_parameter_larger_than_the_budget():
+    ref, ours = make_params([(1000, 1003), (77,)]), make_params([(1000, 1003), (77,)])
+    plain = run(AdamW8bit(ref, lr=1e-2), ref, 4)
+    budget = state_bytes(plain) // 4  # one parameter's states are 4x the budget
+    paged = run(PagedAdamW8bit(ours, lr=1e-2, gpu_budget_bytes=budget), ours, 4)
+    pager = paged.page_manager(ours[0].device)
+    assert 0 < pager.peak_resident_bytes <= budget and pager.bytes_to_host > 0
+    for a, b in zip(ref, ours):
+        assert torch.equal(a, b)
+        assert torch.equal(plain.state[a]["exp_avg_sq"], paged.state[b]["exp_avg_sq"])
+
+
 def test_paged_everything_resident_identical():
     ref, ours = make_params(SHAPES), make_params(SHAPES)
     run(AdamW8bit(ref), ref, 5)
@@ -151,9 +163,10 @@ def test_create_destroy_100_optimizers_returns_memory():
         del opt
     gc.collect()
     torch.cuda.synchronize()
-    assert K.managed_stats() == start_managed
-    assert torch.cuda.memory_allocated() == start_alloc
-    assert abs(torch.cuda.mem_get_info()[0] - start_free) < (64 << 20)
+    end_managed, end_alloc, end_free = K.managed_stats(), torch.cuda.memory_allocated(), torch.cuda.mem_get_info()[0]
+    assert end_managed == start_managed, (start_managed, end_managed)
+    assert end_alloc == start_alloc, (start_alloc, end_alloc)
+    assert abs(end_free - start_free) < (64 << 20), (start_free, end_free)
 
 
 def test_state_dict_round_trip_paged_8bit():
@@ -186,18 +199,19 @@ def test_refuses_more_managed_memory_than_free(monkeypatch):
 
 def test_8bit_training_on_cuda_within_2_percent():
     losses = {}
-    for bits in (32, 8):
+    for bits in (32, 8):  # the noisy regression of test_optim.py::_train
         torch.manual_seed(0)
-        model = torch.nn.Sequential(torch.nn.Linear(32, 256), torch.nn.GELU(), torch.nn.Linear(256, 1)).cuda()
-        x = torch.randn(1024, 32, device="cuda")
-        y = torch.sin(x[:, :4].sum(1, keepdim=True))
-        opt = AdamW(model.parameters(), lr=3e-3, bits=bits)
+        model = torch.nn.Sequential(torch.nn.Linear(128, 64), torch.nn.Tanh(), torch.nn.Linear(64, 64)).cuda()
+        x = torch.randn(1024, 128)
+        y = torch.tanh(x @ torch.randn(64, 128).t() / 128 ** 0.5) @ torch.randn(64, 64) / 8 + 0.3 * torch.randn(1024, 64)
+        x, y = x.cuda(), y.cuda()
+        opt = AdamW(model.parameters(), lr=1e-2, bits=bits, paged=True, gpu_budget_bytes=40_000)
         for _ in range(300):
             opt.zero_grad()
             torch.nn.functional.mse_loss(model(x), y).backward()
             opt.step()
         losses[bits] = torch.nn.functional.mse_loss(model(x), y).item()
-    assert losses[32] < 0.1 and abs(losses[8] - losses[32]) <= 0.02 * losses[32], losses
+    assert abs(losses[8] - losses[32]) <= 0.02 * losses[32], losses
 
 
 def test_opcheck_cuda():
@@ -212,7 +226,9 @@ def test_opcheck_cuda():
                           ([x.bfloat16() for x in p], [torch.randn_like(x).bfloat16() for x in p],
                            [torch.randn_like(x) for x in p], [torch.rand_like(x) for x in p],
                            1e-3, 0.9, 0.999, 1e-8, 1e-2, 2))
-    torch.library.opcheck(torch.ops.nf4q.managed_zeros, (4096, torch.device("cuda"), True))
+    # a factory with no tensor inputs: the autograd and AOT checks have nothing to trace
+    torch.library.opcheck(torch.ops.nf4q.managed_zeros, (4096, torch.device("cuda"), True),
+                          test_utils=("test_schema", "test_faketensor"))
     slab = K.managed_zeros(8192, "cuda", True)
     torch.library.opcheck(torch.ops.nf4q.prefetch, ([slab[:4096], slab[4096:]], torch.cuda.current_device()))
     assert torch.equal(slab.cpu(), torch.zeros(8192, dtype=torch.uint8))

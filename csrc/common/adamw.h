@@ -57,12 +57,21 @@ NF4Q_HD float sqrt_rn(float a) {
 #endif
 }
 
-// One AdamW element update in torch's operation order.
+// One AdamW element update in torch's operation order, each operation rounded on its own.
 NF4Q_HD void update(float& p, float g, float& m, float& v, const Hyper& h) {
+#if defined(__CUDA_ARCH__)
+  // Explicit _rn intrinsics: nvcc would contract these into FMAs, and one rounding of p*decay instead of
+  // torch's two drifts by ~1e-6 relative over 100 steps. With them the GPU matches the CPU bit for bit.
+  m = __fadd_rn(m, __fmul_rn(h.one_minus_beta1, __fsub_rn(g, m)));
+  v = __fadd_rn(__fmul_rn(v, h.beta2), __fmul_rn(h.one_minus_beta2, __fmul_rn(g, g)));
+  const float denom = __fadd_rn(__fdiv_rn(__fsqrt_rn(v), h.bc2_sqrt), h.eps);
+  p = __fsub_rn(__fmul_rn(p, h.decay), __fmul_rn(h.step_size, __fdiv_rn(m, denom)));
+#else
   m = m + h.one_minus_beta1 * (g - m);
   v = v * h.beta2 + h.one_minus_beta2 * (g * g);
   const float denom = div_rn(sqrt_rn(v), h.bc2_sqrt) + h.eps;
   p = p * h.decay - h.step_size * div_rn(m, denom);
+#endif
 }
 
 // 1 / absmax of a block (a zero block scales by 1/kTinyAbsmax, so its values stay 0, not NaN).

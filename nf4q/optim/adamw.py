@@ -118,8 +118,20 @@ class AdamW(torch.optim.Optimizer):
         if pager is None:
             tensors = {name: torch.zeros(shape, dtype=dtype, device=p.device) for name, shape, dtype in specs}
         else:
-            tensors = pager.allocate(id(p), specs)
+            tensors = pager.allocate(specs)
+            for lo, hi in self._pieces(p, tensors):
+                pager.register((id(p), lo), list(tensors.values()), lo, hi, p.numel())
         return {"step": 0, **tensors}
+
+    def _pieces(self, p, state):
+        """Element ranges [lo, hi) that the page manager moves as one unit: the whole tensor, or 256-aligned
+        slices when a contiguous parameter's states exceed a quarter of gpu_budget_bytes."""
+        n, budget = p.numel(), self.gpu_budget_bytes
+        nbytes = sum(t.numel() * t.element_size() for t in state.values() if isinstance(t, torch.Tensor))
+        if budget is None or nbytes <= budget // 4 or not p.is_contiguous():
+            return [(0, n)]
+        step = max(R.QBLOCK, int(budget // 4 * n / nbytes) // R.QBLOCK * R.QBLOCK)
+        return [(lo, min(lo + step, n)) for lo in range(0, n, step)]
 
     def _maps(self, device):
         if device not in self._codes:
@@ -149,34 +161,40 @@ class AdamW(torch.optim.Optimizer):
             for device, items in by_device.items():
                 pager = self.page_manager(device)
                 if pager is None:
-                    self._launch(group, items)
+                    self._launch(group, [(p, st, 0, p.numel()) for p, st in items])
                 else:
-                    pager.run([(id(p), (p, st)) for p, st in items], lambda chunk: self._launch(group, chunk))
+                    work = [((id(p), lo), (p, st, lo, hi)) for p, st in items for lo, hi in self._pieces(p, st)]
+                    pager.run(work, lambda chunk: self._launch(group, chunk))
         return loss
 
     def _launch(self, group, items):
+        """Update items (param, state, lo, hi): the [lo, hi) element range of each parameter."""
         lr, (beta1, beta2) = float(group["lr"]), group["betas"]
         hp = (lr, float(beta1), float(beta2), float(group["eps"]), float(group["weight_decay"]))
         buckets = defaultdict(list)
-        for p, st in items:
-            buckets[(p.dtype, "exp_avg_absmax" in st, st["step"])].append((p, st))
+        for p, st, lo, hi in items:
+            buckets[(p.dtype, "exp_avg_absmax" in st, st["step"])].append((p, st, lo, hi))
         for (dtype, eight, step), its in buckets.items():
-            params, grads, writeback = [], [], []
-            for p, _ in its:
-                data, grad = p.detach(), p.grad.detach()
-                if not data.is_contiguous():  # the kernels walk flat memory: work on a copy, write it back
-                    writeback.append((data, data.contiguous()))
-                    data = writeback[-1][1]
-                grads.append(grad.to(dtype).contiguous())
-                params.append(data)
+            params, grads, ms, vs, a1s, a2s, writeback = [], [], [], [], [], [], []
+            for p, st, lo, hi in its:
+                data, grad = p.detach(), p.grad.detach().to(dtype)
+                m, v, a1, a2 = st["exp_avg"], st["exp_avg_sq"], st.get("exp_avg_absmax"), st.get("exp_avg_sq_absmax")
+                if lo == 0 and hi == p.numel():
+                    if not data.is_contiguous():  # the kernels walk flat memory: work on a copy, write it back
+                        writeback.append((data, data.contiguous()))
+                        data = writeback[-1][1]
+                    grad = grad.contiguous()
+                else:  # a slice of a contiguous parameter (paged under a small budget); lo is 256-aligned
+                    b0, b1 = lo // R.QBLOCK, -(-hi // R.QBLOCK)
+                    data, grad = data.view(-1)[lo:hi], grad.contiguous().view(-1)[lo:hi]
+                    m, v = m.view(-1)[lo:hi], v.view(-1)[lo:hi]
+                    a1, a2 = (a1[b0:b1], a2[b0:b1]) if eight else (a1, a2)
+                params.append(data), grads.append(grad), ms.append(m), vs.append(v), a1s.append(a1), a2s.append(a2)
             device = params[0].device
-            ms = [st["exp_avg"] for _, st in its]
-            vs = [st["exp_avg_sq"] for _, st in its]
             native = dtype in _KERNEL_DTYPES
             if eight:
                 fn = K.ops.adamw8bit_step if native and K.has_kernel("adamw8bit_step", device) else R.adamw8bit_step
-                fn(params, grads, ms, vs, [st["exp_avg_absmax"] for _, st in its],
-                   [st["exp_avg_sq_absmax"] for _, st in its], *self._maps(device), *hp, step)
+                fn(params, grads, ms, vs, a1s, a2s, *self._maps(device), *hp, step)
             else:
                 fn = K.ops.adamw_step if native and K.has_kernel("adamw_step", device) else R.adamw_step
                 fn(params, grads, ms, vs, *hp, step)
@@ -204,9 +222,8 @@ class AdamW(torch.optim.Optimizer):
         state = self._new_state(p)
         step = saved.get("step", 0)
         state["step"] = int(step.item() if isinstance(step, torch.Tensor) else step)
-        pager = self.page_manager(p.device)
-        if pager is not None:
-            pager.make_resident(id(p))
+        # Paged under a budget, the copies below write the host-homed states in place over the bus (they
+        # stay on the host, outside the budget); unpaged or without a budget they write GPU memory.
         signed, unsigned = self._maps(p.device)
         m, v = saved["exp_avg"].to(p.device), saved["exp_avg_sq"].to(p.device)
         if "exp_avg_absmax" in saved:  # 8-bit checkpoint

@@ -1,10 +1,12 @@
 """The page manager of paged optimizer states: CUDA managed memory under a GPU byte budget.
 
-Every parameter's states live in one managed allocation ("entry"). Without a budget they live on the GPU
-and the driver may page them out under memory pressure (and back in on use). With a budget
-(`gpu_budget_bytes`) their home is the host; a step walks the parameters in chunks of at most half the
-budget and, while the kernel of chunk i runs on the compute stream, prefetches chunk i+1 to the GPU on a
-copy stream after evicting least-recently-used entries to the host (cudaMemPrefetchAsync to the CPU).
+Every parameter's states live in one managed allocation. Without a budget they live on the GPU and the
+driver may page them out under memory pressure (and back in on use). With a budget (`gpu_budget_bytes`)
+their home is the host, and this class moves "entries": a parameter's states, or 256-aligned element
+ranges of them when one parameter's states exceed a quarter of the budget. A step walks the entries in
+chunks of at most half the budget and, while the kernel of chunk i runs on the compute stream, prefetches
+chunk i+1 to the GPU on a copy stream after evicting least-recently-used entries to the host
+(cudaMemPrefetchAsync to the CPU).
 Events order the two streams: a chunk's kernel waits for its prefetch, an eviction waits for the last
 kernel that used the entry. Nothing synchronizes the host. The walk alternates direction every step, so
 the entries still resident from the end of one step are the first ones the next step needs.
@@ -20,7 +22,8 @@ import torch
 
 from . import _kernels as K
 
-ALIGN = 256  # byte alignment of each state inside an entry's allocation
+ALIGN = 256  # byte alignment of each state inside an allocation
+QBLOCK = 256  # elements per 8-bit absmax block: entry ranges start on multiples of it
 
 
 class PagedMemoryError(RuntimeError):
@@ -28,15 +31,30 @@ class PagedMemoryError(RuntimeError):
 
 
 class _Entry:
-    __slots__ = ("refs", "nbytes", "resident", "used")
+    """The states of one parameter, or of an element range [lo, hi) of one (its 256-aligned slice of every
+    state: tensors of n elements are sliced by element, absmax tensors by block)."""
+    __slots__ = ("refs", "lo", "hi", "n", "nbytes", "resident", "used")
 
-    def __init__(self, tensors, nbytes, resident):
+    def __init__(self, tensors, lo, hi, n, resident):
         self.refs = [weakref.ref(t) for t in tensors]
-        self.nbytes, self.resident, self.used = nbytes, resident, None
+        hi = None if (lo == 0 and hi == n) else hi  # the whole tensors: no slicing
+        self.lo, self.hi, self.n, self.resident, self.used = lo, hi, n, resident, None
+        self.nbytes = sum(t.numel() * t.element_size() for t in self.tensors())
 
     def tensors(self):
-        alive = [r() for r in self.refs]
-        return [t for t in alive if t is not None]
+        out = []
+        for ref in self.refs:
+            t = ref()
+            if t is None:
+                continue
+            if self.hi is not None:
+                t = t.view(-1)
+                if t.numel() == self.n:  # an element-wise state
+                    t = t[self.lo:self.hi]
+                else:  # a per-block absmax
+                    t = t[self.lo // QBLOCK: -(-self.hi // QBLOCK)]
+            out.append(t)
+        return out
 
 
 class PageManager:
@@ -56,26 +74,26 @@ class PageManager:
 
     # ---- allocation ---------------------------------------------------------------------------------
 
-    def allocate(self, key, specs):
-        """Zeroed managed tensors for `specs` [(name, shape, dtype)], in one allocation; returns {name: tensor}."""
+    def allocate(self, specs):
+        """Zeroed managed tensors for `specs` [(name, shape, dtype)], in one allocation; returns {name: tensor}.
+        With a budget their home is the host (not resident), else the GPU."""
         offsets, total = [], 0
         for _, shape, dtype in specs:
             offsets.append(total)
-            nbytes = _numel(shape) * torch.empty((), dtype=dtype).element_size()
-            total += -(-nbytes // ALIGN) * ALIGN
+            total += -(-_nbytes(shape, dtype) // ALIGN) * ALIGN
         self._check_free(total)
-        host_home = self.budget is not None
-        slab = K.managed_zeros(total, self.device, host_home)
-        out = {}
-        for (name, shape, dtype), off in zip(specs, offsets):
-            nbytes = _numel(shape) * torch.empty((), dtype=dtype).element_size()
-            out[name] = slab[off:off + nbytes].view(dtype).view(shape)
+        slab = K.managed_zeros(total, self.device, self.budget is not None)
+        return {name: slab[off:off + _nbytes(shape, dtype)].view(dtype).view(shape)
+                for (name, shape, dtype), off in zip(specs, offsets)}
+
+    def register(self, key, tensors, lo=0, hi=None, n=None):
+        """Track the states `tensors` of a parameter of n elements (or their [lo, hi) element range) as one
+        entry of the budget."""
         self.forget(key)
-        self._entries[key] = _Entry(out.values(), total, resident=False)
-        if not host_home:
-            self._entries[key].resident = True
-            self._count_in(total)
-        return out
+        e = _Entry(tensors, lo, hi, n, resident=self.budget is None)
+        self._entries[key] = e
+        if e.resident:
+            self._count_in(e.nbytes)
 
     def _check_free(self, nbytes):
         free, _ = torch.cuda.mem_get_info(self.device)
@@ -99,18 +117,6 @@ class PageManager:
             e = self._entries.pop(k)
             if e.resident:
                 self.resident_bytes -= e.nbytes
-
-    def make_resident(self, key):
-        """Count an entry as resident before the caller writes it on the GPU, evicting others to fit."""
-        e = self._entries[key]
-        if e.resident or self.budget is None:
-            return
-        with torch.cuda.stream(self._copy_stream()):
-            self._evict_for(e.nbytes, keep={key})
-            K.prefetch(e.tensors(), self.device.index)
-            self._count_in(e.nbytes)
-        e.resident = True
-        torch.cuda.current_stream(self.device).wait_stream(self._copy_stream())
 
     # ---- a step -------------------------------------------------------------------------------------
 
@@ -215,8 +221,8 @@ class PageManager:
         return self._stream
 
 
-def _numel(shape):
+def _nbytes(shape, dtype):
     n = 1
     for s in shape:
         n *= int(s)
-    return n
+    return n * torch.empty((), dtype=dtype).element_size()
