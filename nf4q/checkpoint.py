@@ -251,12 +251,4 @@ def load_quantized(path: Union[str, Path], device=None, compute_dtype=None) -> n
     return model.to(device) if device is not None else model
 
 
-def is_quantized_dir(path) -> bool:
-    try:
-        _read_config(Path(path))
-        return True
-    except (OSError, FormatError):
-        return False
-
-
 __all__ = ["save_quantized", "load_quantized", "quantization_config", "load_pretrained", "load_state_dict"]
