@@ -214,7 +214,7 @@ def test_8bit_training_on_cuda_within_2_percent():
     assert abs(losses[8] - losses[32]) <= 0.02 * losses[32], losses
 
 
-def test_opcheck_cuda():
+def test_opcheck_adamw8bit_step_cuda():
     p = [torch.randn(4096 + 7, device="cuda"), torch.randn(300, 17, device="cuda")]
     s, u = signed_map("cuda"), unsigned_map("cuda")
     ms, a1 = zip(*[R.quantize_state(torch.randn_like(x) * 0.1, s) for x in p])
@@ -222,13 +222,22 @@ def test_opcheck_cuda():
     torch.library.opcheck(torch.ops.nf4q.adamw8bit_step,
                           (p, [torch.randn_like(x) for x in p], list(ms), list(vs), list(a1), list(a2), s, u,
                            1e-3, 0.9, 0.999, 1e-8, 1e-2, 2))
+
+
+def test_opcheck_adamw_step_cuda():
+    p = [torch.randn(4096 + 7, device="cuda"), torch.randn(300, 17, device="cuda")]
     torch.library.opcheck(torch.ops.nf4q.adamw_step,
                           ([x.bfloat16() for x in p], [torch.randn_like(x).bfloat16() for x in p],
                            [torch.randn_like(x) for x in p], [torch.rand_like(x) for x in p],
                            1e-3, 0.9, 0.999, 1e-8, 1e-2, 2))
+
+
+def test_opcheck_managed_memory_ops():
     # a factory with no tensor inputs: the autograd and AOT checks have nothing to trace
     torch.library.opcheck(torch.ops.nf4q.managed_zeros, (4096, torch.device("cuda"), True),
                           test_utils=("test_schema", "test_faketensor"))
     slab = K.managed_zeros(8192, "cuda", True)
     torch.library.opcheck(torch.ops.nf4q.prefetch, ([slab[:4096], slab[4096:]], torch.cuda.current_device()))
+    K.prefetch([slab], -1)
+    K.prefetch([torch.ones(10, device="cuda")], 0)  # ordinary device memory is left alone
     assert torch.equal(slab.cpu(), torch.zeros(8192, dtype=torch.uint8))
