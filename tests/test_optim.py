@@ -109,7 +109,7 @@ def test_bf16_params_32bit_matches_oracle():
         torch.testing.assert_close(opt.state[p]["exp_avg"], m, rtol=1e-6, atol=1e-8)
 
 
-def _train(bits, steps=300, seed=0):
+def _train(bits, steps=200, seed=0):
     # A small noisy regression (MLP with a tanh layer): the 64x128 and 64x64 weights get 8-bit states.
     torch.manual_seed(seed)
     model = torch.nn.Sequential(torch.nn.Linear(128, 64), torch.nn.Tanh(), torch.nn.Linear(64, 64))

@@ -166,7 +166,8 @@ def test_create_destroy_100_optimizers_returns_memory():
     end_managed, end_alloc, end_free = K.managed_stats(), torch.cuda.memory_allocated(), torch.cuda.mem_get_info()[0]
     assert end_managed == start_managed, (start_managed, end_managed)
     assert end_alloc == start_alloc, (start_alloc, end_alloc)
-    assert abs(end_free - start_free) < (64 << 20), (start_free, end_free)
+    # the driver's free memory is back (it may come back higher: it also returns some of its own caches)
+    assert end_free >= start_free - (64 << 20), (start_free, end_free)
 
 
 def test_state_dict_round_trip_paged_8bit():
