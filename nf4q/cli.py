@@ -22,7 +22,7 @@ def cmd_demo(args) -> int:
 
     try:
         demo.run(model_path=args.model, steps=args.steps, batch_size=args.batch_size, lr=args.lr, rank=args.rank,
-                 alpha=args.alpha, device=args.device, seed=args.seed)
+                 alpha=args.alpha, device=args.device, seed=args.seed, threads=args.threads)
     except (OSError, ImportError, RuntimeError, ValueError) as e:  # no model/tokenizer, no peft_layers, ...
         raise CliError(str(e)) from None
     return EXIT_OK
@@ -365,6 +365,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--alpha", type=float, default=16, help="LoRA alpha (default 16)")
     p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu or cuda[:N]")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, help="CPU threads (default: torch's, or 1 when the cores are busy)")
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("quantize", help="a transformers model directory -> NF4 safetensors + config",
