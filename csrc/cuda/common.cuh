@@ -23,6 +23,7 @@ struct W4View {
   const float* code;
   int log2_bs;
   int nested_bs;
+  int nested_log2;  // log2(nested_bs) when it is a power of two (256 in practice), else -1
 };
 
 // Host: every W4 tensor on CUDA (make_w4 already checked one device and the shapes).
@@ -39,6 +40,9 @@ inline W4View make_view(const W4& w, const char* what) {
   while ((int64_t{1} << v.log2_bs) < w.blocksize) ++v.log2_bs;
   TORCH_CHECK(!w.double_quant() || w.nested_blocksize <= INT32_MAX, "nf4q: nested_blocksize too large");
   v.nested_bs = static_cast<int>(w.nested_blocksize);
+  v.nested_log2 = -1;
+  for (int i = 0; i < 31; ++i)
+    if ((int64_t{1} << i) == w.nested_blocksize) v.nested_log2 = i;
   TORCH_CHECK(w.blocks() < (int64_t{1} << 31), "nf4q: ", what, ": too many blocks for the CUDA kernels");
   return v;
 }

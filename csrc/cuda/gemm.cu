@@ -8,8 +8,9 @@
 namespace nf4q::cuda {
 namespace {
 
-// Largest M for the fused kernel by default (NF4Q_CUDA_GEMM overrides); set from bench_linear's crossover.
-constexpr int64_t kMmaMaxM = 32;
+// Largest M for the fused kernel by default (NF4Q_CUDA_GEMM overrides). bench_linear on the H200: at M=16 the
+// fused kernel wins (136 vs 287 us at 28672x8192), at M=64 dequant+cuBLAS does (292 vs 616 us).
+constexpr int64_t kMmaMaxM = 16;
 
 void check_bias(const c10::optional<at::Tensor>& bias, const at::Tensor& x, int64_t N) {
   if (!bias) return;
