@@ -20,7 +20,10 @@ namespace nf4q::cuda {
 namespace {
 
 constexpr int kWarps = 8;
-constexpr int kUnroll = 1;  // chunks per thread per row and step (2 doubled the registers: 2 blocks/SM, 25% occupancy)
+// Chunks per thread per row and step. Measured on the H200 (notes/cuda.md): one chunk per step (70 registers,
+// 3 blocks/SM) was slower on K-heavy shapes (97 vs 69 us at 8192x28672, M=1), and one row tile for M <= 4
+// (66% occupancy) slower still: the loop is bound by load latency per warp, not by occupancy.
+constexpr int kUnroll = 2;
 
 template <typename T> struct Mma;
 template <> struct Mma<__nv_bfloat16> {
@@ -84,7 +87,8 @@ __global__ void __launch_bounds__(kWarps * 32) gemm_mma_kernel(const T* __restri
   __syncthreads();
   const uint32_t lane_off = 4 * lane;  // this lane's copy of the table
   const float offset = DQ ? __ldg(w.nested_offset) : 0.f;
-  const int nbs_log2 = w.nested_log2;  // a power of two here (gemm_mma checks): a shift, not a division
+  // nested blocks are 256 absmax values in practice: a shift instead of an integer division
+  const int nbs_log2 = (w.nested_bs & (w.nested_bs - 1)) == 0 ? __ffs(w.nested_bs) - 1 : -1;
   const int m0 = blockIdx.y * 8 * NT;
   const int KC = K / 32;  // 32-k chunks per row
   const int ntiles = (N + 16 * RT - 1) / (16 * RT);
@@ -123,7 +127,7 @@ __global__ void __launch_bounds__(kWarps * 32) gemm_mma_kernel(const T* __restri
           const uint32_t blk = static_cast<uint32_t>(e >> w.log2_bs);
           if (DQ) {
             st.q[u][rt][h] = __ldg(static_cast<const uint8_t*>(w.absmax) + blk);
-            st.s[u][rt][h] = __ldg(w.nested_absmax + (blk >> nbs_log2));
+            st.s[u][rt][h] = __ldg(w.nested_absmax + (nbs_log2 >= 0 ? blk >> nbs_log2 : blk / w.nested_bs));
           } else {
             st.s[u][rt][h] = __ldg(static_cast<const float*>(w.absmax) + blk);
           }
@@ -222,10 +226,8 @@ void launch_one(const at::Tensor& x2, const W4View& v, const T* bias, at::Tensor
   static const int per_sm = resident_blocks(gemm_mma_kernel<T, NT, RT, DQ>, smem);
   const int sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
   const int64_t tiles = ceil_div(N, 16 * RT), mtiles = ceil_div(M, 8 * NT);
-  // Exactly as many blocks as are resident (tiles go round-robin, so every SM gets within one tile of the mean;
-  // an "equal tiles per block" grid left some SMs with one block fewer: 74% SM-active cycles in ncu).
-  const int64_t cap = std::max<int64_t>(1, per_sm * sms / mtiles);
-  const dim3 grid(static_cast<unsigned>(std::min<int64_t>(tiles, cap)), static_cast<unsigned>(mtiles));
+  const dim3 grid(static_cast<unsigned>(std::min<int64_t>(tiles, std::max<int64_t>(1, per_sm * sms / mtiles))),
+                  static_cast<unsigned>(mtiles));
   gemm_mma_kernel<T, NT, RT, DQ><<<grid, kWarps * 32, smem, at::cuda::getCurrentCUDAStream()>>>(
       static_cast<const T*>(x2.data_ptr()), v, bias, static_cast<T*>(y.data_ptr()), M, N, K);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -245,9 +247,7 @@ void dispatch(const at::Tensor& x2, const W4View& v, const T* bias, at::Tensor& 
   // Two row tiles per block when that still leaves two blocks per SM: more loads in flight, half the x reads.
   const int sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
   const bool two = ceil_div(N, 32) >= 2 * sms;
-  if (M <= 4) {  // one row tile: 40-48 registers, ~6 resident blocks per SM (ncu: 2 row tiles ran at 27% occupancy)
-    launch<T, 1, 1>(x2, v, bias, y, M, N, K);
-  } else if (M <= 8) {
+  if (M <= 8) {
     two ? launch<T, 1, 2>(x2, v, bias, y, M, N, K) : launch<T, 1, 1>(x2, v, bias, y, M, N, K);
   } else if (M <= 16) {
     two ? launch<T, 2, 2>(x2, v, bias, y, M, N, K) : launch<T, 2, 1>(x2, v, bias, y, M, N, K);
@@ -273,7 +273,6 @@ bool gemm_mma(const at::Tensor& x2_in, const W4& w, const c10::optional<at::Tens
   const auto dt = x2_in.scalar_type();
   if (dt != at::kHalf && dt != at::kBFloat16) return false;
   if (K % 32 != 0 || K == 0 || M == 0 || N == 0 || !aligned16(w.packed.data_ptr())) return false;
-  if (w.double_quant() && (w.nested_blocksize & (w.nested_blocksize - 1)) != 0) return false;
   if (M > INT32_MAX || N > INT32_MAX || K > INT32_MAX || M * K > INT32_MAX * int64_t{32}) return false;
   auto x2 = x2_in.contiguous();
   if (!aligned16(x2.data_ptr())) x2 = x2.clone();  // a view with an odd storage offset
