@@ -3,7 +3,8 @@
     python -m benchmarks.bench_quant [--device cpu|cuda] [--shape 4096 4096] [--csv PATH]
 
 GB/s counts the bytes of the unquantized side (the input of quantize, the output of dequantize), as the
-issue's anchors do. NF4 with double quantization, blocksize 64.
+issue's anchors do. NF4 with double quantization, blocksize 64. The CPU timer is the median of `reps`
+perf_counter runs after a warm-up; the GPU timer is triton's do_bench median.
 """
 import argparse
 import csv
@@ -52,6 +53,11 @@ def run(device="cpu", shape=(4096, 4096), dtype=torch.float32, reps=5):
 
     add("nf4q", "quantize", lambda: nf4q.quantize(w))
     add("nf4q", "dequantize", lambda: qw.dequantize())
+    # The same kernel into a reused buffer: on the CPU a fresh 64 MB output costs more in page faults than the
+    # kernel itself, so this row shows what the kernel does.
+    out = torch.empty(shape, device=device, dtype=dtype)
+    add("nf4q", "dequantize .out (reused buffer)",
+        lambda: torch.ops.nf4q.dequantize_4bit.out(*qw.op_args(), dtype, out=out))
     F = _bnb()
     if F is not None:
         try:

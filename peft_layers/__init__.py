@@ -1,10 +1,9 @@
 """peft_layers: parameter-efficient fine-tuning on nf4q (LoRA, QLoRA, bottleneck adapters, prefix and prompt
 tuning, IA³), reading and writing Hugging Face PEFT's adapter files."""
-import os as _os
-
 import torch as _torch  # noqa: F401  (nf4q's extension needs torch loaded first)
 
 from .adapters import BottleneckAdapterLayer
+from .forgetting import EWC, ReplayBuffer
 from .config import (AdapterConfig, IA3Config, LoRAConfig, PeftConfig, PrefixTuningConfig, PromptLearningConfig,
                      PromptTuningConfig)
 from .ia3 import IA3Layer
@@ -19,10 +18,4 @@ from .qlora import QLoRALinear, lora_forward_4bit
 __all__ = ["LoRAConfig", "IA3Config", "AdapterConfig", "PrefixTuningConfig", "PromptTuningConfig", "PeftConfig",
            "PromptLearningConfig", "PeftModel", "get_peft_model", "QLoRALinear", "LoRALayer", "IA3Layer",
            "BottleneckAdapterLayer", "PrefixEncoder", "PromptEmbedding", "TunerLayer", "ModulesToSaveWrapper",
-           "lora_forward_4bit", "read_config", "read_weights"]
-
-# EWC and replay live in forgetting.py (another owner); exported when present
-if _os.path.exists(_os.path.join(_os.path.dirname(__file__), "forgetting.py")):
-    from .forgetting import EWC, ReplayBuffer  # noqa: F401
-
-    __all__ += ["EWC", "ReplayBuffer"]
+           "lora_forward_4bit", "read_config", "read_weights", "EWC", "ReplayBuffer"]
