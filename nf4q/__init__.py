@@ -16,6 +16,4 @@ __all__ = ["NF4Weight", "FormatError", "Linear4bit", "quantize", "dequantize", "
 
 def has_cuda_kernels() -> bool:
     """True when the extension was built with its CUDA kernels."""
-    import torch
-
     return torch._C._dispatch_has_kernel_for_dispatch_key("nf4q::gemm_4bit", "CUDA")

@@ -3,7 +3,6 @@
 The schemas live in csrc/nf4q.cpp; a quantized weight travels as the W4 group of arguments:
 (packed, absmax, nested_absmax, nested_code, nested_offset, code, blocksize, nested_blocksize, shape).
 """
-import math
 
 import torch
 

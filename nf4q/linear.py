@@ -1,6 +1,6 @@
 """Linear4bit, a drop-in nn.Linear with an NF4 weight, and quantize_model for whole models."""
 import re
-from typing import Iterable, Optional
+from typing import Iterable
 
 import torch
 from torch import nn
