@@ -1,6 +1,5 @@
 """IA³: learned vectors (initialised to ones) scaling a layer's output (attention k/v) or, for feed-forward
 modules, its input; mergeable into the weight (and into NF4 weights by requantizing)."""
-import warnings
 from typing import Dict, List, Optional
 
 import torch
@@ -11,7 +10,7 @@ import nf4q
 from .config import IA3Config
 from .inject import (TunerLayer, _matches_list_or_regex, adapter_dtype, find_targets, in_out_features, is_conv1d,
                      module_device, set_module)
-from .qlora import requantize_4bit_, restore_4bit_
+from .qlora import requantize_4bit_
 
 # PEFT's defaults when target_modules / feedforward_modules are None, by model_type
 DEFAULT_TARGETS = {"llama": (["k_proj", "v_proj", "down_proj"], ["down_proj"]),
@@ -91,26 +90,12 @@ class IA3Layer(TunerLayer):
                 bias.copy_(new_bias.to(bias.dtype))
             self.merged_adapters.append(name)
 
-    @torch.no_grad()
-    def unmerge(self) -> None:
-        if not self.merged:
-            warnings.warn("already unmerged; nothing to do")
-            return
-        if self.is_4bit:
-            old, bias = self._premerge
-            restore_4bit_(self.base_layer, old)
-            if bias is not None:
-                self.base_layer.bias.copy_(bias)
-            self._premerge = None
-            self.merged_adapters.clear()
-            return
-        while self.merged_adapters:  # division is exact enough in fp32 for vectors near one; PEFT does the same
-            name = self.merged_adapters.pop()
-            weight = self.base_layer.weight
-            weight.copy_((weight.float() / self._weight_scale(name)).to(weight.dtype))
-            bias = getattr(self.base_layer, "bias", None)
-            if not self.is_feedforward and bias is not None:
-                bias.copy_((bias.float() / self.ia3_l[name].float().flatten()).to(bias.dtype))
+    def _unmerge_one(self, name: str) -> None:  # division is exact enough in fp32 for vectors near one; PEFT does the same
+        weight = self.base_layer.weight
+        weight.copy_((weight.float() / self._weight_scale(name)).to(weight.dtype))
+        bias = getattr(self.base_layer, "bias", None)
+        if not self.is_feedforward and bias is not None:
+            bias.copy_((bias.float() / self.ia3_l[name].float().flatten()).to(bias.dtype))
 
 
 def inject(model: nn.Module, config: IA3Config, adapter_name: str) -> List[str]:

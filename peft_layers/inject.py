@@ -2,12 +2,15 @@
 "all-linear"), layers_to_transform, exclude_modules, modules_to_save, and the base class of every wrapper."""
 import copy
 import re
+import warnings
 from typing import Dict, Iterable, List, Optional
 
 import torch
 from torch import nn
 
 import nf4q
+
+from .qlora import restore_4bit_
 
 try:  # GPT-2 style Conv1D: y = x @ W + b with W [in, out]
     from transformers.pytorch_utils import Conv1D
@@ -146,10 +149,28 @@ class TunerLayer(nn.Module):
         self.merged_adapters: List[str] = []
 
     # subclasses: adapter_names(), update_layer(name, config), delete_adapter(name), adapter_state_dict(name),
-    # merge(safe_merge, adapter_names), unmerge()
+    # merge(safe_merge, adapter_names) and _unmerge_one(name) (or their own unmerge())
     @property
     def merged(self) -> bool:
         return bool(self.merged_adapters)
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        """Undo merge(). An NF4 base gets the weight (and bias) stored before the first merge back, exactly:
+        subtracting would requantize again. A float base undoes each merged adapter with `_unmerge_one`."""
+        if not self.merged:
+            warnings.warn("already unmerged; nothing to do")
+            return
+        if getattr(self, "is_4bit", False):
+            old, bias = self._premerge
+            restore_4bit_(self.base_layer, old)
+            if bias is not None:
+                self.base_layer.bias.copy_(bias)
+            self._premerge = None
+            self.merged_adapters.clear()
+            return
+        while self.merged_adapters:
+            self._unmerge_one(self.merged_adapters.pop())
 
     def get_base_layer(self) -> nn.Module:
         return self.base_layer

@@ -1,6 +1,5 @@
 """LoRA layers on nn.Linear, nf4q.Linear4bit (QLoRA: the fused path of qlora.py) and GPT-2's Conv1D, with
 several named adapters, merge / unmerge / safe_merge, and injection into a model from a LoRAConfig."""
-import warnings
 from typing import Dict, List, Optional
 
 import torch
@@ -12,7 +11,7 @@ import nf4q
 from .config import LoRAConfig
 from .inject import (TunerLayer, adapter_dtype, find_targets, in_out_features, is_conv1d, module_device, set_module,
                      tuner_layers)
-from .qlora import lora_forward_4bit, lora_scaling, make_lora_pair, requantize_4bit_, restore_4bit_
+from .qlora import lora_forward_4bit, lora_scaling, make_lora_pair, requantize_4bit_
 
 # PEFT's defaults when target_modules is None, by model_type
 DEFAULT_TARGETS = {"llama": ["q_proj", "v_proj"], "mistral": ["q_proj", "v_proj"], "qwen2": ["q_proj", "v_proj"],
@@ -33,7 +32,7 @@ class LoRALayer(TunerLayer):
         self.r: Dict[str, int] = {}
         self.lora_alpha: Dict[str, float] = {}
         self.scaling: Dict[str, float] = {}
-        self._premerge = None  # NF4 base: the weight before the first merge, restored by unmerge
+        self._premerge = None  # NF4 base: (weight, bias) before the first merge, restored by unmerge
         self.update_layer(adapter_name, config)
 
     def adapter_names(self) -> List[str]:
@@ -86,7 +85,7 @@ class LoRALayer(TunerLayer):
             delta = self.delta_weight(name)
             if self.is_4bit:
                 old = requantize_4bit_(self.base_layer, lambda w: w + delta, safe_merge, f"LoRA adapter {name!r}")
-                self._premerge = self._premerge if self._premerge is not None else old
+                self._premerge = self._premerge if self._premerge is not None else (old, None)
             else:
                 weight = self.base_layer.weight
                 merged = weight.float() + delta
@@ -95,20 +94,9 @@ class LoRALayer(TunerLayer):
                 weight.copy_(merged.to(weight.dtype))
             self.merged_adapters.append(name)
 
-    @torch.no_grad()
-    def unmerge(self) -> None:
-        if not self.merged:
-            warnings.warn("already unmerged; nothing to do")
-            return
-        if self.is_4bit:  # restoring the stored NF4 weight is exact; subtracting would requantize again
-            restore_4bit_(self.base_layer, self._premerge)
-            self._premerge = None
-            self.merged_adapters.clear()
-            return
-        while self.merged_adapters:
-            name = self.merged_adapters.pop()
-            weight = self.base_layer.weight
-            weight.copy_((weight.float() - self.delta_weight(name)).to(weight.dtype))
+    def _unmerge_one(self, name: str) -> None:
+        weight = self.base_layer.weight
+        weight.copy_((weight.float() - self.delta_weight(name)).to(weight.dtype))
 
     def extra_repr(self):
         return f"r={self.r}, scaling={self.scaling}, active_adapter={self.active_adapter!r}"
