@@ -361,3 +361,28 @@ def test_page_manager_schedule_with_fake_cuda(monkeypatch, bits):
                   gpu_budget_bytes=budget)
     again.load_state_dict(saved)
     assert again._pagers[ours[0].device].resident_bytes == 0
+
+
+def test_frozen_quantized_params_are_accepted_and_skipped():
+    """model.parameters() of a QLoRA model holds Linear4bit's frozen uint8 tensors: accepted, never updated."""
+    import peft_layers
+
+    torch.manual_seed(0)
+    model = nf4q.quantize_model(torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.Linear(64, 8)), skip=(),
+                                progress=False)
+    model = peft_layers.get_peft_model(model, peft_layers.LoRAConfig(r=4, target_modules="all-linear"))
+    frozen = {n: p.clone() for n, p in model.named_parameters() if not p.is_floating_point()}
+    assert frozen
+    opt = nf4q.optim.AdamW(model.parameters(), lr=1e-2)
+    x = torch.randn(8, 64)
+    losses = []
+    for _ in range(5):
+        loss = model(x).pow(2).mean()
+        losses.append(loss.item())
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+    assert losses[-1] < losses[0]
+    for n, p in model.named_parameters():
+        if n in frozen:
+            assert torch.equal(p, frozen[n])

@@ -82,7 +82,8 @@ class AdamW(torch.optim.Optimizer):
         g = self.param_groups[-1]
         _check_hparams(g["lr"], g["betas"], g["eps"], g["weight_decay"])
         for p in g["params"]:
-            if not (p.is_floating_point()):
+            # frozen integer tensors (Linear4bit's packed weights) are welcome: they never get a grad
+            if p.requires_grad and not p.is_floating_point():
                 raise TypeError(f"params must be floating point, got {p.dtype}")
 
     # ---- state --------------------------------------------------------------------------------------
