@@ -7,7 +7,6 @@ issue's anchors do. NF4 with double quantization, blocksize 64. The CPU timer is
 perf_counter runs after a warm-up; the GPU timer is triton's do_bench median.
 """
 import argparse
-import csv
 import platform
 import statistics
 import time
@@ -17,12 +16,12 @@ import torch
 import nf4q
 from nf4q import _reference as ref
 
+from .utils import bench_us, write_csv
+
 
 def _time_ms(fn, device, reps):
     if device == "cuda":
-        from triton.testing import do_bench
-
-        return do_bench(fn, warmup=25, rep=100, return_mode="median")
+        return bench_us(fn) / 1e3
     fn()  # warm-up
     times = []
     for _ in range(reps):
@@ -86,11 +85,7 @@ def main(argv=None):
     print("| impl | op | ms | GB/s |\n|---|---|---:|---:|")
     for r in rows:
         print(f"| {r['impl']} | {r['op']} | {r['ms']:.2f} | {r['gbps']:.2f} |")
-    if args.csv:
-        with open(args.csv, "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-            writer.writeheader()
-            writer.writerows(rows)
+    write_csv(args.csv, rows)
     return rows
 
 
