@@ -1,9 +1,11 @@
 """Builds nf4q._C: the C++ CPU kernels always, the CUDA kernels when torch is a CUDA build and nvcc exists.
 
-USE_CUDA=0/1 overrides the detection. Without a visible GPU, TORCH_CUDA_ARCH_LIST defaults to 9.0 (H100/H200).
+USE_CUDA=0/1 overrides the detection. Without a visible GPU, TORCH_CUDA_ARCH_LIST defaults to 9.0 (H100/H200),
+built as 9.0a (wgmma).
 """
 import glob
 import os
+import re
 import site
 import sys
 
@@ -55,8 +57,15 @@ def _extension():
         raise RuntimeError("USE_CUDA=1 but nvcc was not found; set CUDA_HOME")
     os.environ["CUDA_HOME"] = cuda_home
     cpp_extension.CUDA_HOME = cuda_home
-    if not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.is_available():
-        os.environ["TORCH_CUDA_ARCH_LIST"] = "9.0"
+    archs = os.environ.get("TORCH_CUDA_ARCH_LIST")
+    if not archs:
+        caps = {torch.cuda.get_device_capability(i) for i in range(torch.cuda.device_count())}
+        archs = ";".join(f"{a}.{b}" for a, b in sorted(caps)) or "9.0"
+    # The fused large-M GEMM uses wgmma, which only the arch-specific sm_90a target has; sm_90a code runs on
+    # every compute-capability-9.0 GPU (H100, H200), so 9.0 is built as 9.0a.
+    archs = ";".join("9.0a" if a in ("9.0", "90") else a for a in re.split(r"[ ;]+", archs.strip()) if a)
+    os.environ["TORCH_CUDA_ARCH_LIST"] = archs
+    macros = [("NF4Q_WITH_CUDA", "1")] + ([("NF4Q_SM90A", "1")] if "9.0a" in archs.split(";") else [])
     sources += sorted(glob.glob("csrc/cuda/*.cu"))
     # No --use_fast_math: quantize must divide and take reciprocals exactly as the CPU does (bit-identical
     # codes); the hot kernels use explicit intrinsics where an approximation is wanted.
@@ -65,7 +74,7 @@ def _extension():
             "-U__CUDA_NO_BFLOAT16_OPERATORS__", "-U__CUDA_NO_BFLOAT16_CONVERSIONS__"]
     return cpp_extension.CUDAExtension(
         "nf4q._C", sources, include_dirs=include_dirs + _pip_cuda_includes(),
-        define_macros=[("NF4Q_WITH_CUDA", "1")],
+        define_macros=macros,
         extra_compile_args={"cxx": cxx, "nvcc": nvcc}, extra_link_args=["-fopenmp"])
 
 

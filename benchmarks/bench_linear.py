@@ -4,8 +4,8 @@ matmul_4bit and nf4q gemm_4bit over Llama-3 8B/70B layer shapes and token counts
     python -m benchmarks.bench_linear [--quick] [--csv PATH]
 
 Columns: µs each; nf4q's speedup vs bf16 and vs bitsandbytes; for M <= 64 the GB/s of nf4q (packed weight +
-scales + x + y) and its % of the copy ceiling; TFLOP/s (2MNK / t) for larger M. `mma µs` and `dequant µs` time
-nf4q's two paths forced (NF4Q_CUDA_GEMM) for M <= 256: the measurement behind the dispatch threshold.
+scales + x + y) and its % of the copy ceiling; TFLOP/s (2MNK / t) for larger M. `mma µs` (M <= 256), `wgmma µs`
+and `dequant µs` time nf4q's three paths forced (NF4Q_CUDA_GEMM): the measurement behind the dispatch thresholds.
 """
 import argparse
 import os
@@ -61,7 +61,8 @@ def main():
             r["vs_bf16"] = r["bf16_us"] / r["nf4q_us"]
             if M <= 256:
                 r["mma_us"] = bench_us(forced("mma", nf))
-                r["dequant_us"] = bench_us(forced("dequant", nf))
+            r["fused_us"] = bench_us(forced("fused", nf))
+            r["dequant_us"] = bench_us(forced("dequant", nf))
             if M <= 64:
                 gbps = (wbytes + 2 * M * (K + N)) / (r["nf4q_us"] * 1e3)
                 r["GBps"], r["pct_copy"] = gbps, 100 * gbps / COPY_GBPS
@@ -77,7 +78,7 @@ def main():
     print(markdown_table(rows, [("shape", "shape (N x K)", 0), ("M", "M", 0), ("bf16_us", "bf16 µs", 1),
                                 ("bnb_us", "bnb µs", 1), ("nf4q_us", "nf4q µs", 1), ("vs_bf16", "× bf16", 2),
                                 ("vs_bnb", "× bnb", 2), ("GBps", "GB/s", 0), ("pct_copy", "% copy", 0),
-                                ("TFLOPs", "TFLOP/s", 0), ("mma_us", "mma µs", 1),
+                                ("TFLOPs", "TFLOP/s", 0), ("mma_us", "mma µs", 1), ("fused_us", "wgmma µs", 1),
                                 ("dequant_us", "dequant µs", 1)]))
 
 

@@ -21,9 +21,9 @@ step() {  # name, seconds, command...: run with a time limit, log to $OUT/name.l
   local name=$1 limit=$2; shift 2
   timeout "$limit" "$@" > "$OUT/$name.log" 2>&1; echo "== $name: exit $? after $SECONDS s"; tail -n "${TAIL:-3}" "$OUT/$name.log"
 }
-step tests ${TEST_LIMIT:-200} python3 -m pytest -q -p no:cacheprovider tests/test_bad_input.py tests/test_cuda_kernels.py tests/test_cuda_lora.py tests/test_optim_cuda.py tests/test_opcheck.py tests/test_qlora.py \
+step tests ${TEST_LIMIT:-240} python3 -m pytest -q -p no:cacheprovider tests/test_bad_input.py tests/test_cuda_kernels.py tests/test_cuda_fused.py tests/test_cuda_lora.py tests/test_optim_cuda.py tests/test_opcheck.py tests/test_qlora.py \
   tests/test_linear.py
 TAIL=14 step memory_table 150 python3 -m benchmarks.memory_table --no-cpu
-TAIL=12 step bench_qlora 90 python3 -m benchmarks.bench_qlora --quick
+TAIL=56 step bench_qlora ${QLORA_LIMIT:-400} python3 -m benchmarks.bench_qlora ${QLORA_ARGS:-}
 TAIL=8 step bench_dequant 40 python3 -m benchmarks.bench_dequant
-TAIL=20 step bench_linear ${LINEAR_LIMIT:-120} python3 -m benchmarks.bench_linear ${LINEAR_ARGS:---quick}
+TAIL=40 step bench_linear ${LINEAR_LIMIT:-200} python3 -m benchmarks.bench_linear ${LINEAR_ARGS:-}

@@ -100,7 +100,8 @@ def _lora_backward(ctx, grad):
     g2 = grad.reshape(-1, grad.shape[-1])
     x2 = x.reshape(-1, x.shape[-1])
     dA = (s * (g2 @ lora_B.to(g2.dtype)).t() @ x2).to(lora_A.dtype) if ctx.needs[1] else None
-    dB = (s * g2.t() @ (x2 @ lora_A.to(x2.dtype).t())).to(lora_B.dtype) if ctx.needs[2] else None
+    # s scales the thin [M, r] factor: `s * g2.t()` would allocate a scaled copy of the whole gradient
+    dB = (g2.t() @ (s * (x2 @ lora_A.to(x2.dtype).t()))).to(lora_B.dtype) if ctx.needs[2] else None
     return (dx, *_W4_NONE, _sum_to_bias(grad, ctx.bias), dA, dB, None)
 
 

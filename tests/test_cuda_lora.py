@@ -24,7 +24,7 @@ def setup(M, N, K, r, dtype, double_quant=True, seed=0):
     return qw, x, A, B, bias
 
 
-@pytest.mark.parametrize("path", ["auto", "concat", "beta"])
+@pytest.mark.parametrize("path", ["auto", "fused", "slabs"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("M", [1, 16, 100, 512])
 def test_lora_forward_and_dx(path, dtype, M, monkeypatch):

@@ -133,12 +133,28 @@ at::Tensor dequant4_full(const W4& w, at::ScalarType dtype);
 // registers. Returns false (doing nothing) when the inputs do not fit its constraints.
 bool gemm_mma(const at::Tensor& x2, const W4& w, const c10::optional<at::Tensor>& bias, at::Tensor& y);
 
-// Which gemm path to take; NF4Q_CUDA_GEMM=mma|dequant overrides the size heuristic (for benchmarks).
-enum class GemmPath { kAuto, kMma, kDequant };
+// Large-M fused path (fused_gemm.cu, wgmma on sm_90a): out = act @ W^T (transposed = false; act [M, K], out
+// [M, N]) or act @ W (transposed = true; act [M, N], out [M, K]), plus extra_act @ extra_w^T when given (the LoRA
+// term as extra reduction columns: [M, r64] and [out cols, r64], zero-padded to a multiple of 64) plus bias. The
+// dequantized W never reaches global memory. Returns false (doing nothing) when the inputs do not fit: fp16/bf16
+// only, out columns a multiple of 128, reduction a multiple of 64 (K of 128 when transposed), a 9.0 GPU.
+bool gemm_fused_eligible(const at::Tensor& act, const W4& w, bool transposed);
+bool gemm_fused(const at::Tensor& act, const W4& w, bool transposed, const at::Tensor* extra_act,
+                const at::Tensor* extra_w, const c10::optional<at::Tensor>& bias, at::Tensor& out);
+
+// Whether the wgmma kernel is the automatic choice for an [M, out_cols] product (measured, see notes/cuda.md).
+bool use_fused(int64_t M, int64_t out_cols);
+
+// out = act @ W^T (transposed = false; out [M, N]) or act @ W (true; out [M, K]) through cuBLAS on dequantized
+// slabs of W's rows, max(32 MiB, 2048 rows) of them at a time; accumulate adds to what out holds.
+void gemm_slabs(const at::Tensor& act, const W4& w, bool transposed, at::Tensor& out, bool accumulate);
+
+// Which gemm path to take; NF4Q_CUDA_GEMM=mma|fused|dequant overrides the size heuristic (for benchmarks).
+enum class GemmPath { kAuto, kMma, kFused, kDequant };
 GemmPath forced_gemm_path();
 
-// y[M, N] = x2[M, K] @ dequant(W)^T (+ bias) in compute_dtype(x2): the fused kernel for small M, else
-// dequantize to a temporary and let cuBLAS multiply (measured faster there, see notes/cuda.md).
+// y[M, N] = x2[M, K] @ dequant(W)^T (+ bias) in compute_dtype(x2): the mma.sync kernel for small M, the
+// wgmma kernel above it where it applies, else dequantize to a temporary and let cuBLAS multiply.
 at::Tensor gemm_2d(const at::Tensor& x2, const W4& w, const c10::optional<at::Tensor>& bias);
 
 // Compute dtype of a matmul input: fp16/bf16/fp32 as given, anything else through fp32.

@@ -1,6 +1,6 @@
-// CUDA gemm_4bit and gemm_4bit_dx: dispatch between the fused small-M kernel (gemv.cu) and
-// dequantize-to-a-temporary + cuBLAS for large M, where cuBLAS's Hopper GEMM beats any mma.sync kernel we
-// could write and the dequant pass costs a few percent (measurements in notes/cuda.md).
+// CUDA gemm_4bit and gemm_4bit_dx: dispatch between the fused small-M kernel (gemv.cu), the fused wgmma kernel
+// for larger M (fused_gemm.cu, sm_90a) and, where neither applies (odd shapes, fp32, other GPUs),
+// dequantize-to-a-temporary + cuBLAS (measurements in notes/cuda.md).
 #include <torch/library.h>
 
 #include "common.cuh"
@@ -11,6 +11,14 @@ namespace {
 // Largest M for the fused kernel by default (NF4Q_CUDA_GEMM overrides). bench_linear on the H200: at M=16 the
 // fused kernel wins (136 vs 287 us at 28672x8192), at M=64 dequant+cuBLAS does (292 vs 616 us).
 constexpr int64_t kMmaMaxM = 16;
+// The wgmma kernel is chosen automatically for 16 < M <= 256 when its 128 x 128 tiles half-fill the GPU or more;
+// elsewhere dequantized slabs + cuBLAS won on the H200 (scratch measurements in notes/cuda.md: at M = 4096 the
+// kernel reaches ~320 TFLOP/s against cuBLAS's ~700; with few tiles its one-CTA-per-tile K loop is too long).
+constexpr int64_t kFusedMaxM = 256;
+// Dequantized W the cuBLAS path holds at a time: 32 MiB (a 28672 x 8192 bf16 W is 448 MiB), but at least 2048
+// rows, since each slab re-reads the activations (forward) or re-writes dx (backward): 512-row slabs of the
+// 8192 x 28672 weight made the forward 1.16x bf16 at M = 4096 (bench_linear on the H200).
+constexpr int64_t kSlabBytes = 32 << 20, kSlabMinRows = 2048;
 
 void check_bias(const c10::optional<at::Tensor>& bias, const at::Tensor& x, int64_t N) {
   if (!bias) return;
@@ -47,7 +55,11 @@ at::Tensor gemm_4bit_dx(const at::Tensor& grad, NF4Q_W4_PARAMS) {
   if (g2.size(0) == 0 || N == 0 || K == 0) {
     dx = at::zeros({g2.size(0), K}, g2.options());
   } else {
-    dx = at::mm(g2, dequant4_full(w, dt));  // grad @ W: dequantized once, cuBLAS reads it transposed
+    dx = at::empty({g2.size(0), K}, g2.options());
+    const auto path = forced_gemm_path();
+    const bool fused = (path == GemmPath::kFused || (path == GemmPath::kAuto && use_fused(g2.size(0), K))) &&
+                       gemm_fused(g2, w, true, nullptr, nullptr, {}, dx);
+    if (!fused) gemm_slabs(g2, w, true, dx, false);
   }
   return dx.to(grad.scalar_type()).view(with_last(grad, K));
 }
@@ -67,9 +79,39 @@ at::Tensor gemm_2d(const at::Tensor& x2, const W4& w, const c10::optional<at::Te
     auto y = at::empty({M, N}, x2.options().dtype(dt));
     if (gemm_mma(x2, w, bias, y)) return y;
   }
+  if (path == GemmPath::kFused || (path == GemmPath::kAuto && M > kMmaMaxM && use_fused(M, N))) {
+    auto y = at::empty({M, N}, x2.options().dtype(dt));
+    if (gemm_fused(x2, w, false, nullptr, nullptr, bias, y)) return y;
+  }
   const auto xc = x2.to(dt);
-  const auto wd = dequant4_full(w, dt);
-  return bias ? at::linear(xc, wd, bias->to(dt)) : at::linear(xc, wd);
+  auto y = at::empty({M, N}, xc.options());
+  if (bias) y.copy_(bias->to(dt).expand({M, N}));  // a fresh buffer: never write into the caller's bias
+  gemm_slabs(xc, w, false, y, bias.has_value());
+  return y;
+}
+
+bool use_fused(int64_t M, int64_t out_cols) {
+  const int64_t tiles = (M + 127) / 128 * (out_cols / 128);
+  return M <= kFusedMaxM && 2 * tiles >= at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+}
+
+void gemm_slabs(const at::Tensor& act, const W4& w, bool transposed, at::Tensor& out, bool accumulate) {
+  const int64_t N = w.rows(), K = w.cols();
+  const int64_t elt = out.element_size();
+  // Whole multiples of 128 rows; one slab when W is small.
+  const int64_t rows = std::max<int64_t>(kSlabMinRows, kSlabBytes / (K * elt) / 128 * 128);
+  auto slab = at::empty({std::min(rows, N), K}, out.options());
+  for (int64_t n0 = 0; n0 < N; n0 += rows) {
+    const int64_t n = std::min(rows, N - n0);
+    auto wd = slab.narrow(0, 0, n);
+    dequant4_rect(w, K, n0, n, 0, K, wd, K);
+    // forward: columns n0.. of out = act @ slab^T; backward: out += act[:, n0..] @ slab (the reduction is over N)
+    auto dst = transposed ? out : out.narrow(1, n0, n);
+    const auto a = transposed ? act.narrow(1, n0, n) : act;
+    const auto b = transposed ? wd : wd.t();
+    if (accumulate || (transposed && n0 > 0)) dst.addmm_(a, b);
+    else at::mm_out(dst, a, b);
+  }
 }
 
 TORCH_LIBRARY_IMPL(nf4q, CUDA, m) {

@@ -265,6 +265,7 @@ GemmPath forced_gemm_path() {
   if (s == nullptr) return GemmPath::kAuto;
   if (std::strcmp(s, "mma") == 0) return GemmPath::kMma;
   if (std::strcmp(s, "dequant") == 0) return GemmPath::kDequant;
+  if (std::strcmp(s, "fused") == 0) return GemmPath::kFused;
   return GemmPath::kAuto;
 }
 

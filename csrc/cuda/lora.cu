@@ -1,11 +1,11 @@
 // CUDA lora_gemm_4bit and lora_gemm_4bit_dx.
 //   y  = x @ W^T + bias + s (x A^T) B^T        dx = g @ W + s (g B) A
-// Small M: the fused NF4 kernel for x W^T, then one rank-r update (addmm_). Large M, two ways to fold the
-// LoRA term into the one big cuBLAS GEMM, picked by which extra pass moves fewer bytes:
-//   concat: one GEMM over the concatenated inner dimension, [x, s xA^T] @ [W, B]^T, W dequantized straight
-//           into the wide buffer (strided dequant) -- costs one copy of x (M x K).
-//   beta:   y = s (xA^T) B^T first, then y += x W^T inside the big GEMM (beta = 1) -- costs a read of y (M x N).
-// NF4Q_CUDA_LORA=concat|beta overrides the choice (for benchmarks).
+// M <= 64: gemm_2d (the mma.sync / wgmma kernels) for x W^T, then one rank-r update (addmm_). 64 < M <= 256 on a
+// 9.0 GPU, where use_fused() says it wins: the wgmma kernel (fused_gemm.cu) over the concatenated inner
+// dimension, [x, s xA^T] @ [W, B]^T and [g, s gB] @ [W; A], W dequantized only in shared memory. Elsewhere (larger
+// M, fp32, odd shapes, other GPUs): the thin LoRA product first, then cuBLAS adds x W^T slab by slab of
+// dequantized W (beta = 1), max(32 MiB, 2048 rows) of W at a time.
+// NF4Q_CUDA_LORA=fused|slabs overrides the choice (for benchmarks and tests).
 #include <torch/library.h>
 
 #include <cstdlib>
@@ -18,16 +18,28 @@ namespace {
 
 constexpr int64_t kSmallM = 64;
 
-enum class LoraPath { kAuto, kConcat, kBeta };
+enum class LoraPath { kAuto, kFused, kSlabs };
 
 LoraPath forced_lora_path() {
   const char* s = std::getenv("NF4Q_CUDA_LORA");
-  if (s != nullptr && std::strcmp(s, "concat") == 0) return LoraPath::kConcat;
-  if (s != nullptr && std::strcmp(s, "beta") == 0) return LoraPath::kBeta;
+  if (s != nullptr && std::strcmp(s, "fused") == 0) return LoraPath::kFused;
+  if (s != nullptr && std::strcmp(s, "slabs") == 0) return LoraPath::kSlabs;
   return LoraPath::kAuto;
 }
 
-int64_t round_up8(int64_t v) { return (v + 7) / 8 * 8; }
+// Whether to try the wgmma kernel for an [M, out_cols] product.
+bool want_fused(int64_t M, int64_t out_cols) {
+  const auto p = forced_lora_path();
+  return p == LoraPath::kFused || (p == LoraPath::kAuto && M > kSmallM && use_fused(M, out_cols));
+}
+
+// [rows, r] -> [rows, r rounded up to 64] with zero columns: the LoRA operand of the fused kernel's extra steps.
+at::Tensor pad64(const at::Tensor& t) {
+  const int64_t r = t.size(1), r64 = (r + 63) / 64 * 64;
+  auto out = at::zeros({t.size(0), r64}, t.options());
+  out.narrow(1, 0, r).copy_(t);
+  return out;
+}
 
 void check_lora(const W4& w, const at::Tensor& A, const at::Tensor& B, const at::Tensor& x, const char* what) {
   TORCH_CHECK(x.is_cuda(), "nf4q: ", what, ": input must be a CUDA tensor");
@@ -39,12 +51,6 @@ void check_lora(const W4& w, const at::Tensor& A, const at::Tensor& B, const at:
               "nf4q: LoRA weights must be on the input's device");
   TORCH_CHECK(at::isFloatingType(A.scalar_type()) && at::isFloatingType(B.scalar_type()),
               "nf4q: LoRA weights must be floating point");
-}
-
-bool use_concat(int64_t extra_concat, int64_t extra_beta, int64_t inner) {
-  const auto p = forced_lora_path();
-  if (p != LoraPath::kAuto) return p == LoraPath::kConcat;
-  return inner % 32 == 0 && extra_concat <= extra_beta;  // the strided dequant's fast path needs rows of 32k
 }
 
 std::vector<int64_t> with_last(const at::Tensor& x, int64_t last) {
@@ -69,26 +75,21 @@ at::Tensor lora_gemm_4bit(const at::Tensor& x, NF4Q_W4_PARAMS, const c10::option
   const int64_t M = x2.size(0), r = lora_A.size(0);
   const auto A = lora_A.to(dt), B = lora_B.to(dt);
   at::Tensor y;
-  if (M <= kSmallM || r == 0 || N == 0 || K == 0) {
+  if (M > 0 && want_fused(M, N) && gemm_fused_eligible(x2, w, false)) {
+    y = at::empty({M, N}, x2.options());
+    if (r > 0) {
+      const auto xa = pad64(at::mm(x2, A.t()).mul_(scale)), b64 = pad64(B);
+      gemm_fused(x2, w, false, &xa, &b64, bias, y);
+    } else {
+      gemm_fused(x2, w, false, nullptr, nullptr, bias, y);
+    }
+  } else if (M <= kSmallM || r == 0 || N == 0 || K == 0) {
     y = gemm_2d(x2, w, bias);
     if (r > 0 && M > 0 && N > 0) y.addmm_(at::mm(x2, A.t()), B.t(), 1, scale);
-  } else if (use_concat(M * K, M * N, K)) {
-    const int64_t ldk = round_up8(K + r);  // 16-byte aligned rows for the dequant stores and cuBLAS
-    auto wcat = at::empty({N, ldk}, x2.options());
-    dequant4_rect(w, K, 0, N, 0, K, wcat, ldk);
-    wcat.narrow(1, K, r).copy_(B);
-    auto xcat = at::empty({M, ldk}, x2.options());
-    xcat.narrow(1, 0, K).copy_(x2);
-    xcat.narrow(1, K, r).copy_(at::mm(x2, A.t()).mul_(scale));
-    if (ldk > K + r) {
-      wcat.narrow(1, K + r, ldk - K - r).zero_();
-      xcat.narrow(1, K + r, ldk - K - r).zero_();
-    }
-    y = bias ? at::addmm(bias->to(dt), xcat, wcat.t()) : at::mm(xcat, wcat.t());
   } else {
     const auto xa = at::mm(x2, A.t()).mul_(scale);
     y = bias ? at::addmm(bias->to(dt), xa, B.t()) : at::mm(xa, B.t());
-    y.addmm_(x2, dequant4_full(w, dt).t());  // the big GEMM reads y once as C (beta = 1)
+    gemm_slabs(x2, w, false, y, true);
   }
   return y.to(x.scalar_type()).view(with_last(x, N));
 }
@@ -108,23 +109,20 @@ at::Tensor lora_gemm_4bit_dx(const at::Tensor& grad, NF4Q_W4_PARAMS, const at::T
   if (M == 0 || N == 0 || K == 0) {
     dx = at::zeros({M, K}, g2.options());
     if (r > 0 && M > 0 && K > 0 && N > 0) dx.addmm_(at::mm(g2, B), A, 1, scale);
-  } else if (r > 0 && M > kSmallM && use_concat(M * N, M * K, 0)) {
-    // [g, s gB] @ [W; A]: W dequantized into the first N rows, A below it (rows padded to a multiple of 8)
-    const int64_t ldn = round_up8(N + r);
-    auto wcat = at::empty({ldn, K}, g2.options());
-    dequant4_rect(w, N * K, 0, 1, 0, N * K, wcat, N * K);  // the first N*K elements of wcat, flat
-    wcat.narrow(0, N, r).copy_(A);
-    auto gcat = at::empty({M, ldn}, g2.options());
-    gcat.narrow(1, 0, N).copy_(g2);
-    gcat.narrow(1, N, r).copy_(at::mm(g2, B).mul_(scale));
-    if (ldn > N + r) {
-      wcat.narrow(0, N + r, ldn - N - r).zero_();
-      gcat.narrow(1, N + r, ldn - N - r).zero_();
+  } else if (want_fused(M, K) && gemm_fused_eligible(g2, w, true)) {
+    dx = at::empty({M, K}, g2.options());
+    if (r > 0) {
+      const auto gb = pad64(at::mm(g2, B).mul_(scale)), at64 = pad64(A.t());
+      gemm_fused(g2, w, true, &gb, &at64, {}, dx);
+    } else {
+      gemm_fused(g2, w, true, nullptr, nullptr, {}, dx);
     }
-    dx = at::mm(gcat, wcat);
+  } else if (r == 0) {
+    dx = at::empty({M, K}, g2.options());
+    gemm_slabs(g2, w, true, dx, false);
   } else {
-    dx = r > 0 ? at::mm(at::mm(g2, B).mul_(scale), A) : at::zeros({M, K}, g2.options());
-    dx.addmm_(g2, dequant4_full(w, dt));
+    dx = at::mm(at::mm(g2, B).mul_(scale), A);
+    gemm_slabs(g2, w, true, dx, true);
   }
   return dx.to(grad.scalar_type()).view(with_last(grad, K));
 }
