@@ -15,6 +15,7 @@ are bitsandbytes' (the same as a single-process `model.state_dict()`); `full_sta
 """
 import math
 import os
+import warnings
 from typing import Iterable, Optional, Union
 
 import torch
@@ -25,12 +26,19 @@ from .tensor import QS_KEY
 
 # Linear4bit parameters kept whole on every rank (see the module docstring).
 _REPLICATED = ("weight_code", "weight_nested_code", "weight_nested_offset", "weight_nested_absmax")
+# FSDP2 before torch 2.12 wraps every shard as nn.Parameter(t) with requires_grad=True, which integer tensors
+# refuse (seen with torch 2.11 on two H200s); there the packed bytes and absmax codes stay replicated as well.
+CAN_SHARD_INTEGERS = torch.torch_version.TorchVersion(torch.__version__) >= "2.12"
 
 
 def replicated_params(model: nn.Module) -> set:
-    """The Linear4bit parameters to pass to fully_shard as `ignored_params` (constants and fp32 nested scales)."""
-    return {getattr(m, n) for m in model.modules() if isinstance(m, Linear4bit)
-            for n in _REPLICATED if getattr(m, n) is not None}
+    """The Linear4bit parameters to pass to fully_shard as `ignored_params` (constants and fp32 nested scales;
+    on torch < 2.12 also the integer NF4 tensors)."""
+    layers = [m for m in model.modules() if isinstance(m, Linear4bit)]
+    keep = {getattr(m, n) for m in layers for n in _REPLICATED if getattr(m, n) is not None}
+    if not CAN_SHARD_INTEGERS:
+        keep |= {p for m in layers for p in m.parameters(recurse=False) if not p.is_floating_point()}
+    return keep
 
 
 def _default_blocks(model: nn.Module):
@@ -59,6 +67,9 @@ def shard_qlora(model: nn.Module, blocks: Union[None, type, tuple, Iterable[nn.M
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     mp_policy = mp_policy or MixedPrecisionPolicy()
+    if not CAN_SHARD_INTEGERS:
+        warnings.warn(f"torch {torch.__version__}: FSDP2 cannot shard integer parameters before torch 2.12, so the "
+                      "NF4 weights stay replicated on every rank (LoRA and float parameters are sharded)")
     if isinstance(blocks, (type, tuple)):
         blocks = [m for m in model.modules() if isinstance(m, blocks)]
     blocks = list(_default_blocks(model) if blocks is None else blocks)
@@ -113,7 +124,11 @@ def _sharded_params(model: nn.Module):
     out = []
     for m in model.modules():
         if isinstance(m, FSDPModule):
-            for group in m._get_fsdp_state()._fsdp_param_groups:  # private, but the only place that knows
+            state = m._get_fsdp_state()  # private, but the only place that knows
+            groups = getattr(state, "_fsdp_param_groups", None)
+            if groups is None:  # torch < 2.12: at most one group per module
+                groups = [state._fsdp_param_group] if state._fsdp_param_group is not None else []
+            for group in groups:
                 out += [fp.sharded_param for fp in group.fsdp_params]
     return out
 

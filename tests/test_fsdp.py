@@ -210,6 +210,7 @@ def test_training_matches_single_process(gloo_run):
     _check_training(gloo_run[1], 1e-5)
 
 
+@pytest.mark.skipif(not nf4q_fsdp.CAN_SHARD_INTEGERS, reason="torch < 2.12 keeps the NF4 bytes replicated")
 def test_all_gather_is_packed_size(gloo_run):
     res = gloo_run[1]
     nf4 = res["nf4_exact"]
