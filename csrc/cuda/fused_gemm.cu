@@ -1,4 +1,4 @@
-// Fused NF4 GEMM for large M on Hopper (wgmma): out = act @ op(dequant(W))^T (+ extra_act @ extra_w^T) (+ bias),
+// Fused NF4 GEMM on Hopper (wgmma): out = act @ op(dequant(W))^T (+ extra_act @ extra_w^T) (+ bias),
 // with the bf16/fp16 W only ever in shared memory, one 64-wide tile at a time.
 //
 //   forward  (transposed = false): out[M, N] = x[M, K] @ W[N, K]^T        (+ [s xA^T] @ [lora_B]^T)
@@ -173,7 +173,7 @@ __global__ void __launch_bounds__(kThreads, 1)
 #ifdef NF4Q_WGMMA
   extern __shared__ uint8_t smem_raw[];
   // Offset from smem_raw (not a cast through an integer) so the compiler still knows these are shared-memory
-  // pointers: generic loads/stores here cost a MEMBAR.ALL.CTA per step that waited on every cp.async in flight.
+  // pointers: through an integer cast every lookup and store here became a generic LD.E / ST.E.
   uint8_t* smem = smem_raw + ((1024 - (smem_addr(smem_raw) & 1023)) & 1023);
   uint8_t* act_s = smem;                                    // kStages x 16 KB
   uint8_t* w_s = act_s + kStages * kTileBytes;              // 2 x 16 KB (dequantized W, double-buffered)
