@@ -1,6 +1,6 @@
 // CUDA gemm_4bit and gemm_4bit_dx: dispatch between the fused small-M kernel (gemv.cu), the fused wgmma kernel
-// for larger M (fused_gemm.cu, sm_90a) and, where neither applies (odd shapes, fp32, other GPUs),
-// dequantize-to-a-temporary + cuBLAS (measurements in notes/cuda.md).
+// for 16 < M <= 256 (fused_gemm.cu, sm_90a) and, above that or where neither applies (odd shapes, fp32, other
+// GPUs), cuBLAS on dequantized slabs of W (measurements in notes/cuda.md).
 #include <torch/library.h>
 
 #include "common.cuh"
