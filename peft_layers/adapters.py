@@ -9,7 +9,7 @@ from torch import nn
 
 from .config import AdapterConfig
 from .inject import (TunerLayer, adapter_dtype, find_targets, in_out_features, is_linear_like, module_device,
-                     set_module)
+                     wrap_or_extend)
 
 _ACTIVATIONS = {"relu": F.relu, "swish": F.silu, "gelu": F.gelu}
 
@@ -94,11 +94,5 @@ def inject(model: nn.Module, config: AdapterConfig, adapter_name: str) -> List[s
     if config.kind == "houlsby":
         paths = find_targets(model, attn, modules_to_save=config.modules_to_save, what="attn_output_modules") + paths
     for path in paths:
-        module = model.get_submodule(path)
-        if isinstance(module, BottleneckAdapterLayer):
-            module.update_layer(adapter_name, config)
-        elif isinstance(module, TunerLayer):
-            raise ValueError(f"{path} already holds a {type(module).__name__}; one method per model")
-        else:
-            set_module(model, path, BottleneckAdapterLayer(module, adapter_name, config))
+        wrap_or_extend(model, path, BottleneckAdapterLayer, adapter_name, config)
     return paths

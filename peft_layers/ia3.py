@@ -1,5 +1,6 @@
 """IA³: learned vectors (initialised to ones) scaling a layer's output (attention k/v) or, for feed-forward
 modules, its input; mergeable into the weight (and into NF4 weights by requantizing)."""
+import functools
 from typing import Dict, List, Optional
 
 import torch
@@ -9,7 +10,7 @@ import nf4q
 
 from .config import IA3Config
 from .inject import (TunerLayer, _matches_list_or_regex, adapter_dtype, find_targets, in_out_features, is_conv1d,
-                     module_device, set_module)
+                     module_device, wrap_or_extend)
 from .qlora import requantize_4bit_
 
 # PEFT's defaults when target_modules / feedforward_modules are None, by model_type
@@ -107,17 +108,13 @@ def inject(model: nn.Module, config: IA3Config, adapter_name: str) -> List[str]:
         config.target_modules, config.feedforward_modules = targets, ff
     paths = find_targets(model, targets, exclude_modules=config.exclude_modules, modules_to_save=config.modules_to_save)
     for path in paths:
-        module = model.get_submodule(path)
         is_ff = bool(ff) and _matches_list_or_regex(path, ff)
-        if isinstance(module, IA3Layer):
-            if module.is_feedforward != is_ff:
+
+        def same_ff(layer, path=path, is_ff=is_ff):
+            if layer.is_feedforward != is_ff:
                 raise ValueError(f"{path}: feed-forward status differs from the layer's existing IA3 adapters")
-            module.update_layer(adapter_name, config)
-        elif isinstance(module, TunerLayer):
-            raise ValueError(f"{path} already holds a {type(module).__name__}; one method per model")
-        else:
-            in_out_features(module)
-            set_module(model, path, IA3Layer(module, adapter_name, config, is_ff))
-            if is_conv1d(module):
-                config.fan_in_fan_out = True
+
+        layer_cls = functools.partial(IA3Layer, is_feedforward=is_ff)
+        if is_conv1d(wrap_or_extend(model, path, IA3Layer, adapter_name, config, check=same_ff, make=layer_cls)):
+            config.fan_in_fan_out = True
     return paths

@@ -131,6 +131,23 @@ def set_module(model: nn.Module, name: str, new: nn.Module) -> None:
     setattr(parent, child, new)
 
 
+def wrap_or_extend(model: nn.Module, path: str, layer_cls: type, adapter_name: str, config, check=None,
+                   make=None) -> nn.Module:
+    """Add `adapter_name` to the `layer_cls` wrapper at `path`, or wrap the module there in a new one
+    (`(make or layer_cls)(module, adapter_name, config)`); `check(wrapper)` may refuse the extension. Returns the
+    base layer. Another method's wrapper at `path` is a ValueError: one method per model."""
+    module = model.get_submodule(path)
+    if isinstance(module, layer_cls):
+        if check is not None:
+            check(module)
+        module.update_layer(adapter_name, config)
+        return module.base_layer
+    if isinstance(module, TunerLayer):
+        raise ValueError(f"{path} already holds a {type(module).__name__}; one method per model")
+    set_module(model, path, (make or layer_cls)(module, adapter_name, config))
+    return module
+
+
 # ---- wrappers ------------------------------------------------------------------------------------------
 
 class TunerLayer(nn.Module):

@@ -9,8 +9,8 @@ from torch import nn
 import nf4q
 
 from .config import LoRAConfig
-from .inject import (TunerLayer, adapter_dtype, find_targets, in_out_features, is_conv1d, module_device, set_module,
-                     tuner_layers)
+from .inject import (TunerLayer, adapter_dtype, find_targets, in_out_features, is_conv1d, module_device, tuner_layers,
+                     wrap_or_extend)
 from .qlora import lora_forward_4bit, lora_scaling, make_lora_pair, requantize_4bit_
 
 # PEFT's defaults when target_modules is None, by model_type
@@ -113,16 +113,8 @@ def inject(model: nn.Module, config: LoRAConfig, adapter_name: str) -> List[str]
                          layers_pattern=config.layers_pattern, exclude_modules=config.exclude_modules,
                          modules_to_save=config.modules_to_save)
     for path in paths:
-        module = model.get_submodule(path)
-        if isinstance(module, LoRALayer):
-            module.update_layer(adapter_name, config)
-        elif isinstance(module, TunerLayer):
-            raise ValueError(f"{path} already holds a {type(module).__name__}; one method per model")
-        else:
-            in_out_features(module)  # raises TypeError naming the unsupported type
-            set_module(model, path, LoRALayer(module, adapter_name, config))
-            if is_conv1d(module):
-                config.fan_in_fan_out = True  # as PEFT records it for GPT-2
+        if is_conv1d(wrap_or_extend(model, path, LoRALayer, adapter_name, config)):
+            config.fan_in_fan_out = True  # as PEFT records it for GPT-2
     return paths
 
 

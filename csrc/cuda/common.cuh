@@ -157,6 +157,13 @@ GemmPath forced_gemm_path();
 // wgmma kernel above it where it applies, else dequantize to a temporary and let cuBLAS multiply.
 at::Tensor gemm_2d(const at::Tensor& x2, const W4& w, const c10::optional<at::Tensor>& bias);
 
+// x's sizes with the last one replaced: the output shape of a matmul op over x's leading dimensions.
+inline std::vector<int64_t> with_last(const at::Tensor& x, int64_t last) {
+  auto sizes = x.sizes().vec();
+  sizes.back() = last;
+  return sizes;
+}
+
 // Compute dtype of a matmul input: fp16/bf16/fp32 as given, anything else through fp32.
 inline at::ScalarType compute_dtype(const at::Tensor& x) {
   const auto t = x.scalar_type();

@@ -26,12 +26,6 @@ void check_bias(const c10::optional<at::Tensor>& bias, const at::Tensor& x, int6
               "nf4q: bias must be a floating-point tensor of ", N, " values on ", x.device());
 }
 
-std::vector<int64_t> with_last(const at::Tensor& x, int64_t last) {
-  auto sizes = x.sizes().vec();
-  sizes.back() = last;
-  return sizes;
-}
-
 at::Tensor gemm_4bit(const at::Tensor& x, NF4Q_W4_PARAMS, const c10::optional<at::Tensor>& bias) {
   const auto w = make_w4(NF4Q_W4_ARGS);
   const int64_t N = w.rows(), K = w.cols();

@@ -53,12 +53,6 @@ void check_lora(const W4& w, const at::Tensor& A, const at::Tensor& B, const at:
               "nf4q: LoRA weights must be floating point");
 }
 
-std::vector<int64_t> with_last(const at::Tensor& x, int64_t last) {
-  auto sizes = x.sizes().vec();
-  sizes.back() = last;
-  return sizes;
-}
-
 at::Tensor lora_gemm_4bit(const at::Tensor& x, NF4Q_W4_PARAMS, const c10::optional<at::Tensor>& bias,
                           const at::Tensor& lora_A, const at::Tensor& lora_B, double scale) {
   const auto w = make_w4(NF4Q_W4_ARGS);
