@@ -8,13 +8,12 @@ scales + x + y) and its % of the copy ceiling; TFLOP/s (2MNK / t) for larger M. 
 and `dequant µs` time nf4q's three paths forced (NF4Q_CUDA_GEMM): the measurement behind the dispatch thresholds.
 """
 import argparse
-import os
 
 import torch
 import torch.nn.functional as F
 
 import nf4q
-from benchmarks.utils import COPY_GBPS, bench_us, bnb_or_none, environment, markdown_table, write_csv
+from benchmarks.utils import COPY_GBPS, bench_us, bnb_or_none, environment, markdown_table, with_env, write_csv
 
 SHAPES = [  # (name, N, K)
     ("8B q/o", 4096, 4096), ("8B gate/up", 14336, 4096), ("8B down", 4096, 14336),
@@ -24,13 +23,7 @@ MS = [1, 4, 16, 64, 256, 1024, 4096]
 
 
 def forced(path, fn):
-    def run():
-        os.environ["NF4Q_CUDA_GEMM"] = path
-        try:
-            return fn()
-        finally:
-            os.environ.pop("NF4Q_CUDA_GEMM", None)
-    return run
+    return with_env("NF4Q_CUDA_GEMM", path, fn)
 
 
 def main():

@@ -9,14 +9,13 @@ force nf4q's two large-M strategies (NF4Q_CUDA_LORA): the fused wgmma kernel (W 
 only) and cuBLAS on slabs of dequantized W (max(32 MiB, 2048 rows)). `peak MiB` is the extra memory one step allocates.
 """
 import argparse
-import os
 
 import torch
 import torch.nn.functional as F
 
 import nf4q
 from nf4q import _ops
-from benchmarks.utils import bench_us, bnb_or_none, environment, markdown_table, write_csv
+from benchmarks.utils import bench_us, bnb_or_none, environment, markdown_table, with_env, write_csv
 
 SHAPES = [(4096, 4096), (4096, 14336), (14336, 4096), (8192, 28672)]  # (K in, N out)
 MS = [512, 2048, 4096, 8192]
@@ -31,13 +30,7 @@ def step_fn(layer, x, A, B, gy):
 
 
 def forced(path, fn):
-    def run():
-        os.environ["NF4Q_CUDA_LORA"] = path
-        try:
-            return fn()
-        finally:
-            os.environ.pop("NF4Q_CUDA_LORA", None)
-    return run
+    return with_env("NF4Q_CUDA_LORA", path, fn)
 
 
 def peak_mib(fn):

@@ -1,6 +1,7 @@
 """The one timer of the benchmarks (triton.testing.do_bench median, L2 flushed before every run) and the
 markdown/CSV output helpers. Ceilings measured on the H200: copy 4274 GB/s (read + write), bf16 GEMM 686 TFLOP/s."""
 import csv
+import os
 import platform
 
 import torch
@@ -14,6 +15,17 @@ def bench_us(fn, warmup_ms=10, rep_ms=60):
     from triton.testing import do_bench
 
     return 1e3 * do_bench(fn, warmup=warmup_ms, rep=rep_ms, return_mode="median")
+
+
+def with_env(name, value, fn):
+    """fn wrapped to run with environment variable `name` set to `value` (e.g. forcing one CUDA path)."""
+    def run():
+        os.environ[name] = value
+        try:
+            return fn()
+        finally:
+            os.environ.pop(name, None)
+    return run
 
 
 def bnb_or_none():

@@ -6,20 +6,12 @@ import torch.nn.functional as F
 
 import nf4q
 from nf4q import _ops, _reference as ref
+from test_cuda_kernels import poison_allocator, rel_err
 
 HAS_WGMMA = torch.cuda.is_available() and torch.cuda.get_device_capability() == (9, 0) and nf4q.has_cuda_kernels()
 pytestmark = pytest.mark.skipif(not HAS_WGMMA, reason="needs a compute-capability-9.0 GPU (wgmma, sm_90a)")
 ops = torch.ops.nf4q
 TOL = {torch.float16: 5e-3, torch.bfloat16: 1e-2}
-
-
-def rel_err(out, want):
-    return ((out.double() - want.double()).norm() / want.double().norm().clamp_min(1e-30)).item()
-
-
-def poison_allocator(nbytes):
-    """Fill a freed block of the caching allocator with NaN so an unwritten output element shows up as NaN."""
-    torch.full((nbytes // 4 + 1024,), float("nan"), device="cuda")
 
 
 def weight(n, k, blocksize=64, double_quant=True, seed=0):

@@ -96,6 +96,7 @@ template <> struct Cvt<__half> {
     __half2 h = __floats2half2_rn(lo, hi);
     return *reinterpret_cast<uint32_t*>(&h);
   }
+  __device__ static float2 unpack(uint32_t v) { return __half22float2(*reinterpret_cast<__half2*>(&v)); }
 };
 template <> struct Cvt<__nv_bfloat16> {
   __device__ static __nv_bfloat16 from(float v) { return __float2bfloat16_rn(v); }
@@ -103,6 +104,9 @@ template <> struct Cvt<__nv_bfloat16> {
   __device__ static uint32_t pack(float lo, float hi) {
     __nv_bfloat162 h = __floats2bfloat162_rn(lo, hi);
     return *reinterpret_cast<uint32_t*>(&h);
+  }
+  __device__ static float2 unpack(uint32_t v) {
+    return __bfloat1622float2(*reinterpret_cast<__nv_bfloat162*>(&v));
   }
 };
 

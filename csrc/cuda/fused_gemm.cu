@@ -87,18 +87,6 @@ __device__ __forceinline__ void tma_load(uint32_t dst, const CUtensorMap* map, i
 // descriptor mode 1 reads; the tile base is 1024-byte aligned).
 __device__ __forceinline__ int swz(int r, int c) { return r * 128 + ((c ^ (r & 7)) << 4); }
 
-template <typename T> struct Elt;
-template <> struct Elt<__nv_bfloat16> {
-  __device__ static uint32_t pack(float lo, float hi) { return Cvt<__nv_bfloat16>::pack(lo, hi); }
-  __device__ static float2 unpack(uint32_t v) {
-    return __bfloat1622float2(*reinterpret_cast<__nv_bfloat162*>(&v));
-  }
-};
-template <> struct Elt<__half> {
-  __device__ static uint32_t pack(float lo, float hi) { return Cvt<__half>::pack(lo, hi); }
-  __device__ static float2 unpack(uint32_t v) { return __half22float2(*reinterpret_cast<__half2*>(&v)); }
-};
-
 #ifdef NF4Q_WGMMA
 __device__ __forceinline__ uint64_t desc_sw128(uint32_t addr) {
   // start address >> 4, leading offset 1 (unused with swizzling), stride 1024 B between 8-row groups, 128B swizzle
@@ -234,7 +222,7 @@ __global__ void __launch_bounds__(kThreads, 1)
 #pragma unroll
         for (int b = 0; b < 4; ++b) {
           const float2 c = lut[((words[i] >> (8 * b)) & 0xff) * kLutCopies];  // first element: high nibble
-          pk[b] = Elt<T>::pack(__fmul_rn(c.x, s), __fmul_rn(c.y, s));
+          pk[b] = Cvt<T>::pack(__fmul_rn(c.x, s), __fmul_rn(c.y, s));
         }
         *reinterpret_cast<uint4*>(dst + swz(n, 4 * h + i)) = make_uint4(pk[0], pk[1], pk[2], pk[3]);
       }
@@ -256,11 +244,11 @@ __global__ void __launch_bounds__(kThreads, 1)
           e1[r] = __fmul_rn(v.y, s);
         }
         *reinterpret_cast<uint4*>(dst + swz(2 * b, c)) =
-            make_uint4(Elt<T>::pack(e0[0], e0[1]), Elt<T>::pack(e0[2], e0[3]), Elt<T>::pack(e0[4], e0[5]),
-                       Elt<T>::pack(e0[6], e0[7]));
+            make_uint4(Cvt<T>::pack(e0[0], e0[1]), Cvt<T>::pack(e0[2], e0[3]), Cvt<T>::pack(e0[4], e0[5]),
+                       Cvt<T>::pack(e0[6], e0[7]));
         *reinterpret_cast<uint4*>(dst + swz(2 * b + 1, c)) =
-            make_uint4(Elt<T>::pack(e1[0], e1[1]), Elt<T>::pack(e1[2], e1[3]), Elt<T>::pack(e1[4], e1[5]),
-                       Elt<T>::pack(e1[6], e1[7]));
+            make_uint4(Cvt<T>::pack(e1[0], e1[1]), Cvt<T>::pack(e1[2], e1[3]), Cvt<T>::pack(e1[4], e1[5]),
+                       Cvt<T>::pack(e1[6], e1[7]));
       }
     }
   };
@@ -319,12 +307,12 @@ __global__ void __launch_bounds__(kThreads, 1)
 #pragma unroll
   for (int j = 0; j < 16; ++j) {
     const int col = n0 + 8 * j + 2 * t;
-    const float2 bv = bias2 != nullptr ? Elt<T>::unpack(__ldg(bias2 + col / 2)) : make_float2(0.f, 0.f);
+    const float2 bv = bias2 != nullptr ? Cvt<T>::unpack(__ldg(bias2 + col / 2)) : make_float2(0.f, 0.f);
     if (row < p.M)
-      *reinterpret_cast<uint32_t*>(out + row * p.n_out + col) = Elt<T>::pack(d[4 * j] + bv.x, d[4 * j + 1] + bv.y);
+      *reinterpret_cast<uint32_t*>(out + row * p.n_out + col) = Cvt<T>::pack(d[4 * j] + bv.x, d[4 * j + 1] + bv.y);
     if (row + 8 < p.M)
       *reinterpret_cast<uint32_t*>(out + (row + 8) * p.n_out + col) =
-          Elt<T>::pack(d[4 * j + 2] + bv.x, d[4 * j + 3] + bv.y);
+          Cvt<T>::pack(d[4 * j + 2] + bv.x, d[4 * j + 3] + bv.y);
   }
 #endif
 }

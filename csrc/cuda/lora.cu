@@ -41,6 +41,17 @@ at::Tensor pad64(const at::Tensor& t) {
   return out;
 }
 
+// The wgmma kernel with the LoRA term lo [M, r] @ hi [out cols, r]^T as extra reduction steps (none when r = 0).
+void fused_with_lora(const at::Tensor& act, const W4& w, bool transposed, const at::Tensor& lo, const at::Tensor& hi,
+                     const c10::optional<at::Tensor>& bias, at::Tensor& out) {
+  if (lo.size(1) == 0) {
+    gemm_fused(act, w, transposed, nullptr, nullptr, bias, out);
+    return;
+  }
+  const auto lo64 = pad64(lo), hi64 = pad64(hi);
+  gemm_fused(act, w, transposed, &lo64, &hi64, bias, out);
+}
+
 void check_lora(const W4& w, const at::Tensor& A, const at::Tensor& B, const at::Tensor& x, const char* what) {
   TORCH_CHECK(x.is_cuda(), "nf4q: ", what, ": input must be a CUDA tensor");
   TORCH_CHECK(A.dim() == 2 && B.dim() == 2 && A.size(0) == B.size(1),
@@ -71,12 +82,7 @@ at::Tensor lora_gemm_4bit(const at::Tensor& x, NF4Q_W4_PARAMS, const c10::option
   at::Tensor y;
   if (M > 0 && want_fused(M, N) && gemm_fused_eligible(x2, w, false)) {
     y = at::empty({M, N}, x2.options());
-    if (r > 0) {
-      const auto xa = pad64(at::mm(x2, A.t()).mul_(scale)), b64 = pad64(B);
-      gemm_fused(x2, w, false, &xa, &b64, bias, y);
-    } else {
-      gemm_fused(x2, w, false, nullptr, nullptr, bias, y);
-    }
+    fused_with_lora(x2, w, false, at::mm(x2, A.t()).mul_(scale), B, bias, y);
   } else if (M <= kSmallM || r == 0 || N == 0 || K == 0) {
     y = gemm_2d(x2, w, bias);
     if (r > 0 && M > 0 && N > 0) y.addmm_(at::mm(x2, A.t()), B.t(), 1, scale);
@@ -105,12 +111,7 @@ at::Tensor lora_gemm_4bit_dx(const at::Tensor& grad, NF4Q_W4_PARAMS, const at::T
     if (r > 0 && M > 0 && K > 0 && N > 0) dx.addmm_(at::mm(g2, B), A, 1, scale);
   } else if (want_fused(M, K) && gemm_fused_eligible(g2, w, true)) {
     dx = at::empty({M, K}, g2.options());
-    if (r > 0) {
-      const auto gb = pad64(at::mm(g2, B).mul_(scale)), at64 = pad64(A.t());
-      gemm_fused(g2, w, true, &gb, &at64, {}, dx);
-    } else {
-      gemm_fused(g2, w, true, nullptr, nullptr, {}, dx);
-    }
+    fused_with_lora(g2, w, true, at::mm(g2, B).mul_(scale), A.t(), {}, dx);
   } else if (r == 0) {
     dx = at::empty({M, K}, g2.options());
     gemm_slabs(g2, w, true, dx, false);
