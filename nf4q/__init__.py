@@ -5,13 +5,15 @@ from . import _ops
 from .codebook import dynamic_map, fp8_e4m3_map, nested_map, nf4_code
 from .linear import Linear4bit, quantize_model
 from .checkpoint import load_quantized, save_quantized
+from .loading import from_pretrained
 from . import optim
 from .tensor import FormatError, NF4Weight, dequantize, quantize
 
 __version__ = "0.1.0"
 
 __all__ = ["NF4Weight", "FormatError", "Linear4bit", "quantize", "dequantize", "quantize_model", "nf4_code",
-           "nested_map", "fp8_e4m3_map", "dynamic_map", "has_cuda_kernels", "load_quantized", "save_quantized"]
+           "nested_map", "fp8_e4m3_map", "dynamic_map", "has_cuda_kernels", "load_quantized", "save_quantized",
+           "from_pretrained"]
 
 
 def has_cuda_kernels() -> bool:

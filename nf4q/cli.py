@@ -294,6 +294,19 @@ def _run_benchmark(mod, name, quick, tmp):
     return []
 
 
+def _benchmarks_on_path():
+    """benchmarks/ is not installed (it lives in the repository): from a checkout (the current directory, or the
+    one an editable install points at) put it on sys.path."""
+    import importlib.util
+
+    if importlib.util.find_spec("benchmarks") is not None:
+        return
+    for root in (Path.cwd(), Path(__file__).resolve().parents[1]):
+        if (root / "benchmarks" / "__init__.py").is_file():
+            sys.path.insert(0, str(root))
+            return
+
+
 def cmd_bench(args) -> int:
     import csv
     import importlib
@@ -301,6 +314,7 @@ def cmd_bench(args) -> int:
 
     import torch
 
+    _benchmarks_on_path()
     print("# nf4q bench\n")
     _print_table([{"": k, "value": v} for k, v in _environment().items()])
     collected, failed = [], []
@@ -316,7 +330,8 @@ def cmd_bench(args) -> int:
             except ModuleNotFoundError as e:
                 if e.name not in (f"benchmarks.{name}", "benchmarks"):
                     raise
-                print(f"skipped: benchmarks/{name}.py is not present in this install")
+                print(f"skipped: benchmarks/{name}.py is not present in this install (the benchmarks are not "
+                      f"installed with nf4q: run `nf4q bench` from a repository checkout)")
                 continue
             except SystemExit as e:  # argparse errors, or "needs a GPU" messages
                 if isinstance(e.code, str):
@@ -339,9 +354,25 @@ def cmd_bench(args) -> int:
             writer.writeheader()
             writer.writerows(collected)
         print(f"\nwrote {len(collected)} rows to {args.csv}")
+    if args.plot:
+        _plot(collected, args.plot)
     if failed:
         raise CliError("; ".join(failed))
     return EXIT_OK
+
+
+def _plot(rows, path):
+    try:
+        from benchmarks.plot import plot
+        n = plot(rows, path)
+    except ModuleNotFoundError as e:
+        if e.name not in ("matplotlib", "benchmarks", "benchmarks.plot"):
+            raise
+        need = "matplotlib (pip install 'nf4q[plot]')" if e.name == "matplotlib" else \
+            "benchmarks/plot.py (run from a repository checkout)"
+        raise CliError(f"--plot needs {need}") from None
+    print(f"\nwrote {path} ({n} panels)" if n else f"\n--plot: no bench_linear or bench_train rows to plot, "
+                                                       f"{path} not written")
 
 
 # ---- argparse --------------------------------------------------------------------------------------------
@@ -402,6 +433,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--csv", metavar="FILE", help="also write the rows as CSV")
     p.add_argument("--only", nargs="+", metavar="NAME", choices=BENCHMARKS, help="run only these")
     p.add_argument("--quick", action="store_true", help="pass --quick to the benchmarks that have it")
+    p.add_argument("--plot", metavar="FILE.png", help="draw speed vs bf16 against M per shape (bench_linear) and "
+                                                      "tokens/s and peak memory per stack (bench_train); matplotlib")
     p.set_defaults(func=cmd_bench)
     return parser
 

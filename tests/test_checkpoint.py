@@ -15,10 +15,11 @@ SUFFIXES = {"weight", "weight.absmax", "weight.quant_map", "weight.nested_absmax
             "weight.quant_state.bitsandbytes__nf4"}
 
 
-def _tiny_llama(path, tie=False, dtype=torch.float32, seed=0):
+def _tiny_llama(path, tie=False, dtype=torch.float32, seed=0, intermediate_size=160):
     torch.manual_seed(seed)
-    cfg = transformers.LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=160, num_hidden_layers=2,
-                                   num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=tie)
+    cfg = transformers.LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=intermediate_size,
+                                   num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                   tie_word_embeddings=tie)
     model = transformers.LlamaForCausalLM(cfg).to(dtype)
     model.save_pretrained(path)
     return path
@@ -97,24 +98,54 @@ def test_literal_config_equals_transformers(tmp_path):
         assert ours == theirs
 
 
-def test_transformers_bitsandbytes_loads_ours_and_we_load_theirs(tiny, saved, tmp_path):
+def _bnb_linears(model, cpu_bf16_repack):
+    """bitsandbytes' Linear4bit modules of `model`. On CPUs with AVX512-BF16, bitsandbytes' eval forward repacks the
+    weight with bf16 scales and computes in bf16 (its fast path); off, it dequantizes in fp32 like nf4q does."""
+    import bitsandbytes as bnb
+
+    mods = [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
+    for m in mods:
+        m.support_avx512bf16_for_cpu = cpu_bf16_repack and m.support_avx512bf16_for_cpu
+    return mods
+
+
+def test_transformers_bitsandbytes_loads_ours_and_we_load_theirs(tmp_path):
     pytest.importorskip("bitsandbytes")
-    try:
-        bnb_model = transformers.AutoModelForCausalLM.from_pretrained(saved, device_map="cpu")
-    except Exception as e:  # noqa: BLE001  (a bitsandbytes build without a usable CPU backend)
-        pytest.skip(f"transformers + bitsandbytes cannot load 4-bit on this machine: {e}")
+    from transformers.utils import is_bitsandbytes_available
+
+    if not is_bitsandbytes_available():  # the exact check transformers makes before it will load 4-bit
+        pytest.skip("transformers reports bitsandbytes unusable in this environment")
+    # bitsandbytes' CPU fast path (0.50.2) reshapes absmax to [out_features, in_features / blocksize]: every
+    # in_features must be a multiple of the block size (64), so intermediate_size 128 here, not 160.
+    tiny = _tiny_llama(tmp_path / "tiny128", intermediate_size=128)
+    saved = nf4q.save_quantized(tiny, tmp_path / "nf4", progress=False)
     ours = nf4q.load_quantized(saved)
     with torch.no_grad():
-        a, b = bnb_model(_ids()).logits, ours(_ids()).logits
-    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+        expect = ours(_ids()).logits
+    # transformers + bitsandbytes load our checkpoint: with fp32 dequantization the same logits as nf4q
+    bnb_model = transformers.AutoModelForCausalLM.from_pretrained(saved, device_map="cpu")
+    assert len(_bnb_linears(bnb_model, cpu_bf16_repack=False)) == 2 * 7
+    with torch.no_grad():
+        torch.testing.assert_close(bnb_model(_ids()).logits, expect, rtol=1e-5, atol=1e-5)
+    # and through bitsandbytes' CPU fast path where this CPU has it: scales rounded to bf16 and bf16 compute
+    # (unit roundoff 2^-8 each, a few roundings per layer, 2 layers) -> within 2^-5 of the largest logit
+    # (measured: 2^-8.2)
+    fast = transformers.AutoModelForCausalLM.from_pretrained(saved, device_map="cpu")
+    if any(m.support_avx512bf16_for_cpu for m in _bnb_linears(fast, cpu_bf16_repack=True)):
+        with torch.no_grad():
+            got = fast(_ids()).logits
+        err = (got - expect).abs().max().item()
+        assert err <= 2**-5 * expect.abs().max().item()
     # the other way: a checkpoint that transformers + bitsandbytes quantized and saved loads into nf4q
     # (transformers cannot re-save a model it loaded pre-quantized, so quantize from the fp32 directory)
     cfg = transformers.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
                                           bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=torch.float32)
     bnb_q = transformers.AutoModelForCausalLM.from_pretrained(tiny, quantization_config=cfg, device_map="cpu")
+    _bnb_linears(bnb_q, cpu_bf16_repack=False)
     bnb_q.save_pretrained(tmp_path / "bnb")
     back = nf4q.load_quantized(tmp_path / "bnb")
     assert isinstance(back.model.layers[0].self_attn.v_proj, nf4q.Linear4bit)
+    assert isinstance(back.model.layers[1].mlp.down_proj, nf4q.Linear4bit)
     with torch.no_grad():
         torch.testing.assert_close(back(_ids(2)).logits, bnb_q(_ids(2)).logits, rtol=1e-5, atol=1e-5)
 
