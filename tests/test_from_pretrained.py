@@ -141,7 +141,8 @@ def _write_8b_shaped(path, layers=32):
 
     cfg = transformers.LlamaConfig(vocab_size=128256, hidden_size=4096, intermediate_size=14336,
                                    num_hidden_layers=layers, num_attention_heads=32, num_key_value_heads=8,
-                                   tie_word_embeddings=False, dtype="bfloat16")
+                                   tie_word_embeddings=False, dtype="bfloat16",
+                                   architectures=["LlamaForCausalLM"])
     path.mkdir()
     cfg.save_pretrained(path)
     g = torch.Generator("cuda").manual_seed(0)
