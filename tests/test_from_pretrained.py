@@ -73,6 +73,16 @@ def test_tied_output_layer_quantized_when_not_skipped(tmp_path):
     assert torch.equal(_logits(ours), _logits(ref))
 
 
+def test_dtype_from_the_tensors_when_config_names_none(tmp_path):
+    src = _tiny(tmp_path / "m", dtype=torch.bfloat16)
+    cfg = json.loads((src / "config.json").read_text())
+    cfg.pop("dtype", None), cfg.pop("torch_dtype", None)
+    (src / "config.json").write_text(json.dumps(cfg))
+    model = nf4q.from_pretrained(src, device="cpu", progress=False)
+    assert model.model.norm.weight.dtype == torch.bfloat16
+    assert model.model.layers[0].mlp.up_proj.weight_dtype == torch.bfloat16
+
+
 def test_quantized_directory_goes_through_load_quantized(tmp_path):
     out = nf4q.save_quantized(_tiny(tmp_path / "m"), tmp_path / "nf4", progress=False)
     model = nf4q.from_pretrained(out, device="cpu", progress=False)
