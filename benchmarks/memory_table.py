@@ -74,17 +74,21 @@ def _materialize(module, device, dtype):
 
 
 def build_llama(size, device, dtype, quantize=False):
-    """A random-weight Llama-shaped LlamaForCausalLM, built layer by layer on `device` (NF4 layers if quantize)."""
+    """A random-weight Llama-shaped LlamaForCausalLM, built layer by layer on `device`. size: a key of LLAMA or a
+    dict of LlamaConfig fields. quantize: True (nf4q NF4 layers) or a callable that quantizes one decoder layer in
+    place (benchmarks/bench_train.py passes bitsandbytes')."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from nf4q.checkpoint import _params_on_meta
 
-    cfg = LlamaConfig(**LLAMA[size], max_position_embeddings=4096)
+    cfg = LlamaConfig(**{"max_position_embeddings": 4096, **(LLAMA[size] if isinstance(size, str) else size)})
     with _params_on_meta():
         model = LlamaForCausalLM(cfg)
     for layer in model.model.layers:
         _materialize(layer, device, dtype)
-        if quantize:
+        if callable(quantize):
+            quantize(layer)
+        elif quantize:
             nf4q.quantize_model(layer, skip=(), progress=False, compute_dtype=torch.bfloat16)
     _materialize(model.model, device, dtype)
     if cfg.tie_word_embeddings:
@@ -275,6 +279,24 @@ def run_arm(arch, sizes, modes, device, batch, seq_len, rank):
     return rows
 
 
+def train_peaks(stacks, dropouts, batch, seq_len, rank):
+    """Peak GiB per stack with and without dropout: bench_train's per-stack subprocesses, tabulated."""
+    from benchmarks import bench_train
+
+    rows = bench_train.main(["--stacks", *stacks, "--dropout", *map(str, dropouts), "--batches",
+                             f"{batch}x{seq_len}", "--rank", str(rank), "--alpha", str(2 * rank), "--warmup", "1",
+                             "--steps", "2"])
+    peak = {(r["stack"], r["dropout"]): r.get("peak_gib") for r in rows}
+    lines = ["| stack | " + " | ".join(f"peak GiB, dropout {p:g}" for p in dropouts) + " |",
+             "|---|" + "---:|" * len(dropouts)]
+    for st in stacks:
+        cells = [f"{peak[st, p]:.2f}" if peak.get((st, p)) is not None else "–" for p in dropouts]
+        lines.append(f"| ({st}) {bench_train.STACKS[st]} | " + " | ".join(cells) + " |")
+    print(f"\npeak of a training step, {batch} x {seq_len} tokens (torch.cuda.max_memory_allocated, each stack in "
+          f"its own process):\n" + "\n".join(lines))
+    return rows
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sizes", nargs="+", default=["1B", "7B"], choices=list(LLAMA), help="Llama shapes (GPU)")
@@ -286,8 +308,15 @@ def main(argv=None):
     ap.add_argument("--no-cpu", action="store_true", help="skip the MiniLM CPU arm")
     ap.add_argument("--llama-device", default="cuda", help=argparse.SUPPRESS)  # tests: the Llama arm on the CPU
     ap.add_argument("--json", help="also write the rows as JSON")
+    ap.add_argument("--train-stacks", nargs="+", metavar="S", choices="abcd",
+                    help="also: peak of a training step per stack of benchmarks/bench_train.py (a/b bitsandbytes, c "
+                         "peft bf16, d nf4q; 8 layers of Llama-3-8B shapes, checkpointing), each stack x dropout in "
+                         "its own process, at --batch x --seq-len")
+    ap.add_argument("--dropout", nargs="+", type=float, default=[0.0, 0.05], help="lora_dropout for --train-stacks")
     args = ap.parse_args(argv)
     rows = []
+    if args.train_stacks:
+        train_peaks(args.train_stacks, args.dropout, args.batch, args.seq_len, args.rank)
     if not args.no_gpu:
         if args.llama_device == "cuda" and not torch.cuda.is_available():
             print("GPU arm skipped: CUDA is not available", file=sys.stderr)

@@ -218,7 +218,8 @@ def _print_table(rows):
 
 # ---- bench -----------------------------------------------------------------------------------------------
 
-BENCHMARKS = ("bench_quant", "bench_dequant", "bench_linear", "bench_qlora", "bench_optim")
+BENCHMARKS = ("bench_quant", "bench_dequant", "bench_linear", "bench_qlora", "bench_optim", "bench_train")
+ON_REQUEST = ("bench_train",)  # minutes of end-to-end training: runs when named (`nf4q bench train`)
 
 
 def _environment() -> dict:
@@ -319,7 +320,10 @@ def cmd_bench(args) -> int:
     _print_table([{"": k, "value": v} for k, v in _environment().items()])
     collected, failed = [], []
     with tempfile.TemporaryDirectory() as tmp:
-        for name in args.only or BENCHMARKS:
+        named = [n if n.startswith("bench_") else f"bench_{n}" for n in args.names]
+        if any(n not in BENCHMARKS for n in named):
+            raise CliError(f"unknown benchmark in {args.names}; known: {', '.join(BENCHMARKS)}")
+        for name in args.only or named or [n for n in BENCHMARKS if n not in ON_REQUEST]:
             print(f"\n## {name}\n", flush=True)
             try:
                 mod = importlib.import_module(f"benchmarks.{name}")
@@ -430,6 +434,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("bench", help="run the microbenchmarks under benchmarks/ on this machine",
                        description="Runs bench_quant, bench_linear, bench_qlora and bench_optim (those present) on "
                                    "the available device and prints a markdown table with hardware and versions.")
+    p.add_argument("names", nargs="*", metavar="NAME", help="benchmarks by short name, e.g. `nf4q bench train` "
+                                                            "(end-to-end QLoRA training, not run by default)")
     p.add_argument("--csv", metavar="FILE", help="also write the rows as CSV")
     p.add_argument("--only", nargs="+", metavar="NAME", choices=BENCHMARKS, help="run only these")
     p.add_argument("--quick", action="store_true", help="pass --quick to the benchmarks that have it")
