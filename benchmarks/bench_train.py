@@ -22,8 +22,8 @@ Each stack x batch x dropout runs in its own subprocess: peak = torch.cuda.max_m
 timed steps, after the model and optimizer exist (paged optimizer state lives in CUDA managed memory, outside it).
 ms/step: median over --steps steps, each synchronize() + perf_counter. A missing bitsandbytes/peft is "skipped".
 --profile: torch.profiler on one nf4q step (host vs GPU time, kernels per step). --memory-snapshot FILE: allocator
-history of one nf4q step, dumped to FILE (open it at pytorch.org/memory_viz) and its peak analysed
-(benchmarks/train_diagnostics.py).
+history of one nf4q step, dumped to FILE (open it at pytorch.org/memory_viz) and its peak analysed: the top 15
+allocation sites alive at the peak (benchmarks/train_diagnostics.py). --diag-stack b looks at bitsandbytes instead.
 """
 import argparse
 import json
@@ -149,8 +149,9 @@ def _base_model(stack, spec, device):
         _peft()
         if layerwise:
             return build_llama(cfg, device, bf16)
-        return AutoModelForCausalLM.from_pretrained(spec["checkpoint"], dtype=bf16, attn_implementation="sdpa",
-                                                    **direct).to(device)
+        model = AutoModelForCausalLM.from_pretrained(spec["checkpoint"], dtype=bf16, attn_implementation="sdpa",
+                                                     **direct)
+        return model if direct else model.to(device)
     import nf4q
 
     if layerwise:
@@ -165,7 +166,8 @@ def _base_model(stack, spec, device):
         return model
     model = AutoModelForCausalLM.from_pretrained(spec["checkpoint"], dtype=bf16, attn_implementation="sdpa",
                                                  **direct)
-    return nf4q.quantize_model(model.to(device), progress=False, compute_dtype=bf16)  # lm_head stays bf16
+    model = model if direct else model.to(device)
+    return nf4q.quantize_model(model, progress=False, compute_dtype=bf16)  # lm_head stays bf16
 
 
 def seed_adapters(model, seed=0):
@@ -371,7 +373,7 @@ def markdown(rows):
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--stacks", nargs="+", default=list(STACKS), choices=list(STACKS))
+    ap.add_argument("--stacks", nargs="+", choices=list(STACKS), help="default: a b c d (a b d with --shape 70b)")
     ap.add_argument("--shape", default="8b", choices=list(SHAPES))
     ap.add_argument("--layers", type=int, default=8, help="decoder layers (default 8)")
     ap.add_argument("--batches", nargs="+", type=parse_batch, default=["1x512", "2x2048", "1x8192"],
@@ -388,6 +390,8 @@ def main(argv=None):
     ap.add_argument("--checkpoint", metavar="DIR", help="reuse (or create) the bf16 checkpoint in DIR")
     ap.add_argument("--profile", action="store_true", help="torch.profiler summary of one nf4q step")
     ap.add_argument("--memory-snapshot", metavar="FILE", help="allocator history of one nf4q step -> FILE + peak")
+    ap.add_argument("--diag-stack", default="d", choices=list(STACKS), help="the stack that --profile and "
+                    "--memory-snapshot look at (default d, nf4q), at the first batch and dropout")
     ap.add_argument("--csv", metavar="FILE", help="also write the rows as CSV")
     ap.add_argument("--quick", action="store_true", help="1x512 and dropout 0 only, 3 timed steps")
     ap.add_argument("--in-process", action="store_true", help=argparse.SUPPRESS)  # tests: no subprocesses
@@ -403,6 +407,8 @@ def main(argv=None):
     if args.quick:  # the first batch (1x512 by default), the first dropout
         batches, args.dropout, args.steps = batches[:1], args.dropout[:1], 3
     layerwise = args.layerwise or args.shape == "70b"
+    stacks = args.stacks or list(STACKS)
+    started = time.perf_counter()
     run = run_case if args.in_process else run_isolated
     base = {"shape": args.shape, "layers": args.layers, "steps": args.steps, "warmup": args.warmup, "lr": args.lr,
             "rank": args.rank, "alpha": args.alpha, "seed": args.seed, "device": args.device, "checkpoint": None,
@@ -424,12 +430,12 @@ def main(argv=None):
                     raise SystemExit(f"could not write the checkpoint: {done.get('status')}")
                 print(f"checkpoint written to {base['checkpoint']} in {time.perf_counter() - t0:.1f} s", flush=True)
         rows = []
-        cases = [(bt, p, st) for bt in batches for p in args.dropout for st in args.stacks]
+        cases = [(bt, p, st) for bt in batches for p in args.dropout for st in stacks]
         for i, (bt, p, st) in enumerate(cases, 1):
             t0 = time.perf_counter()
             r = {"stack": st, "name": STACKS[st], "dropout": p, "batch": f"{bt[0]}x{bt[1]}", "tokens": bt[0] * bt[1],
                  "shape": args.shape, "layers": args.layers}
-            if st == "c" and args.shape == "70b" and "--stacks" not in (argv if argv is not None else sys.argv):
+            if st == "c" and args.shape == "70b" and not args.stacks:
                 r["status"] = "skipped: bf16 70B weights alone are 129 GiB (ask for it with --stacks c)"
             else:
                 spec = {**base, "stack": st, "batch": list(bt), "dropout": p}
@@ -440,12 +446,14 @@ def main(argv=None):
                   + (f", peak {r['peak_gib']:.2f} GiB" if r.get("peak_gib") is not None else "")
                   + (f", losses {r['losses']}" if r.get("losses") else "")
                   + f" ({time.perf_counter() - t0:.0f} s)", flush=True)
-        extra = {"stack": "d", "batch": list(batches[0]), "dropout": args.dropout[0]}
+        extra = {"stack": args.diag_stack, "batch": list(batches[0]), "dropout": args.dropout[0]}
         if args.profile:
-            print(f"\n## profile\n{run({**base, **extra, 'mode': 'profile'}).get('status')}", flush=True)
+            print("\n## profile", flush=True)
+            print(run({**base, **extra, "mode": "profile"}).get("status"), flush=True)
         if args.memory_snapshot:
+            print("\n## memory snapshot", flush=True)
             snap = {**base, **extra, "mode": "snapshot", "snapshot_file": str(Path(args.memory_snapshot).resolve())}
-            print(f"\n## memory snapshot\n{run(snap).get('status')}", flush=True)
+            print(run(snap).get("status"), flush=True)
     compare(rows)
     print("\n" + markdown(rows))
     print("\nfirst losses (fixed seed, same batch every step):")
@@ -455,6 +463,7 @@ def main(argv=None):
     from benchmarks.utils import write_csv
 
     write_csv(args.csv, rows)
+    print(f"\nbench_train: {len(rows)} cases in {time.perf_counter() - started:.0f} s")
     return rows
 
 
