@@ -12,3 +12,6 @@ def gen():
 
 def randn(*shape, dtype=torch.float32, generator=None, device="cpu"):
     return torch.randn(*shape, generator=generator).to(dtype=dtype, device=device)
+
+# tests/mutation/ is a tool run by hand (python tests/mutation/run.py), not part of the suite.
+collect_ignore = ["mutation"]

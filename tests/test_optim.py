@@ -97,6 +97,46 @@ def test_8bit_kernel_equals_oracle_bitwise(dtype):
         assert not torch.equal(got[i][0], before[i][0])
 
 
+@pytest.mark.parametrize("bits", [8, 32])
+def test_weight_decay_alone_is_exact(bits):
+    """With zero gradients m = v = 0, so AdamW's update is the decoupled decay alone: p ← p · fl32(1 − lr·wd),
+    exactly, for 8-bit states (the 8192-element tensor) and 32-bit ones (the 37-element tensor) alike."""
+    lr, wd = 0.1, 0.5
+    params = make_params([(8192,), (37,)])
+    start = [p.detach().clone() for p in params]
+    opt = AdamW(params, lr=lr, weight_decay=wd, bits=bits)
+    for _ in range(3):
+        for p in params:
+            p.grad = torch.zeros_like(p)
+        opt.step()
+    assert (opt.state[params[0]]["exp_avg"].dtype == torch.uint8) == (bits == 8)
+    decay = torch.tensor(1 - lr * wd, dtype=torch.float32)
+    for p, p0 in zip(params, start):
+        assert torch.equal(p.detach(), p0 * decay * decay * decay)
+
+
+@pytest.mark.parametrize("wd", [0.0, 0.1])
+def test_8bit_adamw_follows_the_oracle(wd):
+    """AdamW(bits=8) itself, not just the kernel: five steps equal the 8-bit oracle bit for bit, hyperparameters
+    (weight decay included) passed through, from the zero states a fresh optimizer starts with."""
+    shapes = [(4096,), (70, 65)]
+    ours, mine = make_params(shapes), [p.detach().clone() for p in make_params(shapes)]
+    opt = AdamW(ours, lr=3e-3, betas=(0.8, 0.99), eps=1e-6, weight_decay=wd, bits=8)
+    blocks = [-(-p.numel() // R.QBLOCK) for p in mine]
+    ms, vs = [torch.zeros(p.shape, dtype=torch.uint8) for p in mine], [torch.zeros(p.shape, dtype=torch.uint8)
+                                                                        for p in mine]
+    a1, a2 = [torch.zeros(b) for b in blocks], [torch.zeros(b) for b in blocks]
+    for t in range(5):
+        grads = grads_for(mine, t)
+        for p, g in zip(ours, grads):
+            p.grad = g.clone()
+        opt.step()
+        R.adamw8bit_step(mine, grads, ms, vs, a1, a2, signed_map(), unsigned_map(), 3e-3, 0.8, 0.99, 1e-6, wd, t + 1)
+    for p, q, m in zip(ours, mine, ms):
+        assert torch.equal(p.detach(), q)
+        assert torch.equal(opt.state[p]["exp_avg"], m)
+
+
 def test_bf16_params_32bit_matches_oracle():
     params = make_params(SHAPES, torch.bfloat16)
     ref = [p.detach().clone() for p in params]

@@ -153,7 +153,21 @@ def test_rslora_and_gaussian_init():
                                               target_modules=["proj_in"]))
     layer = m.get_base_model().proj_in
     assert layer.scaling["default"] == 4.0
-    assert 0.15 < layer.lora_A["default"].weight.std() < 0.35  # N(0, 1/r) with r = 4
+    # N(0, 1/r) with r = 4: the sample std of 4·24 draws has sd ≈ 0.25/√192 ≈ 0.018, so ±0.1 is 5.5 sd (no
+    # flakes without a seed) and still excludes PEFT's other plausible scale 1/√r = 0.5
+    assert 0.15 < layer.lora_A["default"].weight.std() < 0.35
+
+
+@pytest.mark.parametrize("use_rslora, scaling", [(False, 8 / 4), (True, 8 / 4 ** 0.5)])
+def test_forward_adds_the_scaled_update(use_rslora, scaling):
+    """y = base(x) + s·B·A·x with s = alpha/r (alpha/√r with rsLoRA), checked on the output, not the attribute."""
+    model = get_peft_model(TwoLayer(), LoRAConfig(r=4, lora_alpha=8, use_rslora=use_rslora,
+                                                  target_modules=["proj_in"]))
+    perturb_adapter(model)
+    layer = model.get_base_model().proj_in
+    x = torch.randn(5, 24)
+    A, B = layer.lora_A["default"].weight, layer.lora_B["default"].weight
+    torch.testing.assert_close(layer(x), layer.base_layer(x) + scaling * (x @ A.t()) @ B.t())
 
 
 # ---- NF4 bases: the LoRA layer takes QLoRALinear's fused path -----------------------------------------------
@@ -176,6 +190,9 @@ def test_lora_on_linear4bit_matches_qlora_linear():
     with pytest.warns(UserWarning, match="requantiz"):
         model.merge_adapter()
     assert (model(x) - q(x)).norm() / q(x).norm() < 0.1  # one NF4 rounding of W + sBA
+    # exactly that rounding: dequantize, add s·B·A, requantize with the same blocksize and nested table
+    merged = nf4q.quantize(q.base_layer.dequantize(torch.float32) + q.delta_weight())
+    assert torch.equal(layer.base_layer.dequantize(), merged.dequantize())
     model.unmerge_adapter()
     torch.testing.assert_close(model(x), q(x), rtol=0, atol=0)  # the pre-merge NF4 weight comes back exactly
 
