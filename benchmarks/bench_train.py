@@ -23,7 +23,7 @@ timed steps, after the model and optimizer exist (paged optimizer state lives in
 ms/step: median over --steps steps, each synchronize() + perf_counter. A missing bitsandbytes/peft is "skipped".
 --profile: torch.profiler on one nf4q step (host vs GPU time, kernels per step). --memory-snapshot FILE: allocator
 history of one nf4q step, dumped to FILE (open it at pytorch.org/memory_viz) and its peak analysed: the top 15
-allocation sites alive at the peak (benchmarks/train_diagnostics.py). --diag-stack b looks at bitsandbytes instead.
+allocation sites alive at the peak (benchmarks/train_diagnostics.py). --diag-stack b d looks at bitsandbytes too.
 """
 import argparse
 import json
@@ -390,8 +390,9 @@ def main(argv=None):
     ap.add_argument("--checkpoint", metavar="DIR", help="reuse (or create) the bf16 checkpoint in DIR")
     ap.add_argument("--profile", action="store_true", help="torch.profiler summary of one nf4q step")
     ap.add_argument("--memory-snapshot", metavar="FILE", help="allocator history of one nf4q step -> FILE + peak")
-    ap.add_argument("--diag-stack", default="d", choices=list(STACKS), help="the stack that --profile and "
-                    "--memory-snapshot look at (default d, nf4q), at the first batch and dropout")
+    ap.add_argument("--diag-stack", nargs="+", default=["d"], choices=list(STACKS), help="the stacks that --profile "
+                    "and --memory-snapshot look at (default d, nf4q), at the first batch and dropout; with several, "
+                    "FILE.pickle becomes FILE.<stack>.pickle")
     ap.add_argument("--csv", metavar="FILE", help="also write the rows as CSV")
     ap.add_argument("--quick", action="store_true", help="1x512 and dropout 0 only, 3 timed steps")
     ap.add_argument("--in-process", action="store_true", help=argparse.SUPPRESS)  # tests: no subprocesses
@@ -446,14 +447,17 @@ def main(argv=None):
                   + (f", peak {r['peak_gib']:.2f} GiB" if r.get("peak_gib") is not None else "")
                   + (f", losses {r['losses']}" if r.get("losses") else "")
                   + f" ({time.perf_counter() - t0:.0f} s)", flush=True)
-        extra = {"stack": args.diag_stack, "batch": list(batches[0]), "dropout": args.dropout[0]}
-        if args.profile:
-            print("\n## profile", flush=True)
-            print(run({**base, **extra, "mode": "profile"}).get("status"), flush=True)
-        if args.memory_snapshot:
-            print("\n## memory snapshot", flush=True)
-            snap = {**base, **extra, "mode": "snapshot", "snapshot_file": str(Path(args.memory_snapshot).resolve())}
-            print(run(snap).get("status"), flush=True)
+        for st in args.diag_stack:
+            extra = {"stack": st, "batch": list(batches[0]), "dropout": args.dropout[0]}
+            if args.profile:
+                print(f"\n## profile ({st})", flush=True)
+                print(run({**base, **extra, "mode": "profile"}).get("status"), flush=True)
+            if args.memory_snapshot:
+                print(f"\n## memory snapshot ({st})", flush=True)
+                path = Path(args.memory_snapshot).resolve()
+                if len(args.diag_stack) > 1:
+                    path = path.with_name(f"{path.stem}.{st}{path.suffix}")
+                print(run({**base, **extra, "mode": "snapshot", "snapshot_file": str(path)}).get("status"), flush=True)
     compare(rows)
     print("\n" + markdown(rows))
     print("\nfirst losses (fixed seed, same batch every step):")
@@ -468,4 +472,6 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    from benchmarks import bench_train  # one module object: train_diagnostics imports it by this name
+
+    bench_train.main()
