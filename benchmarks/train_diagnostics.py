@@ -26,7 +26,7 @@ from benchmarks import bench_train
 MARKER = "_phase_marker"
 _OP = re.compile(r"at::_ops::(\w+?)::(?:call|redispatch)")
 _NODE = re.compile(r"(\w+Backward\d*)::apply|torch::autograd::(PyNode|CppNode)")
-_NF4Q = re.compile(r"\bnf4q::(\w+)")
+_NF4Q = re.compile(r"\bnf4q::([\w:]+)")
 
 
 def _gib(n):

@@ -115,6 +115,9 @@ def test_memory_snapshot_report_finds_the_blocks_alive_at_the_peak():
     assert len(top) == 1 and "32.0 MiB" in top[0] and "op mm " in top[0] and "2x" in top[0]
     assert any("_ops.py:120 forward" in line and "op _to_copy" in line for line in lines)
     assert "reserved at the peak: 192.0 MiB" in text
+    label = train_diagnostics.site(_frames("at::_ops::empty_memory_format::call", "nf4q::cuda::lora_bwd_(at::Tensor&)",
+                                           "torch::autograd::CppNode<nf4q::LoraGemm4bit>::apply"))
+    assert label.startswith("op empty_memory_format node CppNode nf4q::cuda::lora_bwd_ @ (no Python frame"), label
     # slim() drops the allocator/interpreter frames and keeps what the report reads
     slimmed = train_diagnostics.slim({"segments": [], "device_traces": [trace]})
     assert [f["name"] for f in slimmed["device_traces"][0][5]["frames"]] == [
