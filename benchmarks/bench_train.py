@@ -11,7 +11,10 @@ gradient checkpointing (use_reentrant=False), SDPA, bf16, the same token batch e
      compute), prepare_model_for_kbit_training (norms, embeddings and lm_head upcast to fp32), bnb PagedAdamW
   b  the same without prepare_model_for_kbit_training (no fp32 upcast)
   c  peft LoRA over the bf16 model, torch AdamW (fused)
-  d  nf4q: nf4q.quantize_model + peft_layers.get_peft_model + nf4q.optim.PagedAdamW
+  d  nf4q: nf4q.from_pretrained (where nf4q exports it; else a bf16 load + nf4q.quantize_model) +
+     peft_layers.get_peft_model + nf4q.optim.PagedAdamW
+AdamW lr 2e-4 (--lr). The first 8 losses are printed per case; "vs (b)" is the tok/s ratio to (b) at the same batch
+and dropout, beside the largest loss difference to (b) (issue 13 asks nf4q's within 0.02).
 Weights: --shape 8b saves the model once as safetensors in a temp dir and every stack loads it (from_pretrained);
 --shape 70b (or --layerwise) builds the model one decoder layer at a time on the GPU from a meta skeleton,
 quantizing each layer as soon as it exists (nf4q, or bitsandbytes' Linear4bit for a/b), so the bf16 model never
