@@ -2,7 +2,7 @@
 `peft_type`, so a file written here loads in `peft` and the reverse (bottleneck adapters, which PEFT lacks,
 use the same layout with our own peft_type)."""
 import copy
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from typing import ClassVar, Dict, List, Optional, Union
 
 Targets = Optional[Union[str, List[str]]]
@@ -32,6 +32,8 @@ class PeftConfig:
     _RENAMED: ClassVar[Dict[str, tuple]] = {}
     # PEFT keys whose non-default values change what an adapter computes and that we do not implement
     _UNSUPPORTED: ClassVar[Dict[str, object]] = {}
+    # constructor-only aliases of other fields: never written to or read from files
+    _ALIASES: ClassVar[tuple] = ()
 
     task_type: Optional[str] = None
     base_model_name_or_path: Optional[str] = None
@@ -47,6 +49,8 @@ class PeftConfig:
     def to_dict(self) -> dict:
         out = {}
         for f in fields(self):
+            if f.name in self._ALIASES:
+                continue
             value = copy.deepcopy(getattr(self, f.name))
             if f.name in self._RENAMED:
                 key, export, _ = self._RENAMED[f.name]
@@ -82,7 +86,7 @@ class PeftConfig:
             if key in by_key:
                 name, importer = by_key[key]
                 kwargs[name] = importer(value)
-            elif key in names and key not in target._RENAMED:
+            elif key in names and key not in target._RENAMED and key not in target._ALIASES:
                 kwargs[key] = value
         try:
             return target(**kwargs)
@@ -100,15 +104,16 @@ class LoRAConfig(PeftConfig):
     (full match on the module path) or "all-linear" (every Linear / Linear4bit / Conv1D except the output head).
     layers_to_transform: int or list of layer indices (the first number in the module path, or the one after
     `layers_pattern`). bias: "none" | "all" | "lora_only" (those biases are trained and saved).
+    init_lora_weights (PEFT's values): True (B = 0), False (A and B random: not a no-op), "gaussian",
+    "pissa" / "pissa_niter_<n>" (top-r SVD of W moved into A, B), "olora" (QR of W), "loftq" (with
+    loftq_config {"loftq_bits": 4, "loftq_iter": n}: the base becomes NF4 Q with Q + s·BA ≈ W). `init` is the
+    older spelling ("default" = True, "gaussian"). use_dora: DoRA (a learned magnitude per output row).
     """
 
     peft_type: ClassVar[str] = "LORA"
-    _RENAMED: ClassVar[Dict[str, tuple]] = {
-        "init": ("init_lora_weights", lambda v: True if v == "default" else v,
-                 lambda v: "gaussian" if v == "gaussian" else "default"),
-    }
+    _ALIASES: ClassVar[tuple] = ("init",)
     _UNSUPPORTED: ClassVar[Dict[str, object]] = {
-        "use_dora": False, "rank_pattern": {}, "alpha_pattern": {}, "lora_bias": False, "layer_replication": None,
+        "rank_pattern": {}, "alpha_pattern": {}, "lora_bias": False, "layer_replication": None,
         "target_parameters": None, "use_qalora": False, "trainable_token_indices": None, "alora_invocation_tokens": None,
     }
 
@@ -118,11 +123,14 @@ class LoRAConfig(PeftConfig):
     target_modules: Targets = None
     bias: str = "none"
     use_rslora: bool = False
-    init: str = "default"
+    init_lora_weights: Union[bool, str] = True
+    use_dora: bool = False
+    loftq_config: dict = field(default_factory=dict)
     layers_to_transform: Optional[Union[int, List[int]]] = None
     layers_pattern: Optional[Union[str, List[str]]] = None
     exclude_modules: Targets = None
     fan_in_fan_out: bool = False
+    init: Optional[str] = None  # alias of init_lora_weights, consumed by __post_init__
 
     def __post_init__(self):
         super().__post_init__()
@@ -133,11 +141,38 @@ class LoRAConfig(PeftConfig):
         _check(isinstance(self.lora_dropout, (int, float)) and 0 <= self.lora_dropout < 1,
                f"lora_dropout must be in [0, 1), got {self.lora_dropout!r}")
         _check(self.bias in ("none", "all", "lora_only"), f"bias must be 'none', 'all' or 'lora_only', got {self.bias!r}")
-        _check(self.init in ("default", "gaussian"), f"init must be 'default' or 'gaussian', got {self.init!r}")
+        if self.init is not None:
+            _check(self.init in ("default", "gaussian"), f"init must be 'default' or 'gaussian', got {self.init!r}")
+            alias = True if self.init == "default" else "gaussian"
+            _check(self.init_lora_weights in (True, alias),
+                   f"init={self.init!r} contradicts init_lora_weights={self.init_lora_weights!r}; use init_lora_weights")
+            self.init_lora_weights, self.init = alias, None
+        _check(valid_init(self.init_lora_weights),
+               f"init_lora_weights must be True, False, 'gaussian', 'pissa', 'pissa_niter_<n>', 'olora' or 'loftq', "
+               f"got {self.init_lora_weights!r}")
+        _check(isinstance(self.use_dora, bool), f"use_dora must be a bool, got {self.use_dora!r}")
+        if self.loftq_config is None:
+            self.loftq_config = {}
+        if not isinstance(self.loftq_config, dict):  # PEFT's LoftQConfig dataclass
+            self.loftq_config = {k: getattr(self.loftq_config, k) for k in ("loftq_bits", "loftq_iter")
+                                 if hasattr(self.loftq_config, k)}
+        if self.init_lora_weights == "loftq":
+            _check(bool(self.loftq_config), "init_lora_weights='loftq' needs loftq_config, e.g. "
+                   "{'loftq_bits': 4, 'loftq_iter': 1}")
+            bits, iters = self.loftq_config.get("loftq_bits", 4), self.loftq_config.get("loftq_iter", 1)
+            _check(bits == 4, f"loftq_config['loftq_bits'] must be 4 (NF4), got {bits!r}")
+            _check(isinstance(iters, int) and not isinstance(iters, bool) and iters >= 1,
+                   f"loftq_config['loftq_iter'] must be a positive int, got {iters!r}")
         self.target_modules = _as_list(self.target_modules, "target_modules")
         self.exclude_modules = _as_list(self.exclude_modules, "exclude_modules")
         if self.layers_to_transform is not None and not isinstance(self.layers_to_transform, int):
             self.layers_to_transform = [int(i) for i in self.layers_to_transform]
+
+
+def valid_init(value) -> bool:
+    if isinstance(value, bool) or value in ("gaussian", "pissa", "olora", "loftq"):
+        return True
+    return isinstance(value, str) and value.startswith("pissa_niter_") and value[12:].isdigit() and int(value[12:]) > 0
 
 
 # ---- IA³ ---------------------------------------------------------------------------------------------

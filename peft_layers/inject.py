@@ -153,17 +153,26 @@ def wrap_or_extend(model: nn.Module, path: str, layer_cls: type, adapter_name: s
 class TunerLayer(nn.Module):
     """Base of the method wrappers: holds `base_layer` and named adapters of one method.
 
-    Exactly one adapter is active (`active_adapter`); `disabled` and `merged_adapters` are only changed by
-    methods (set_adapter, merge, unmerge, the PeftModel context managers), never inside forward.
+    `active_adapters` lists the active adapters (LoRA sums several; the other methods use the first,
+    `active_adapter`); `disabled` and `merged_adapters` are only changed by methods (set_adapter, merge, unmerge,
+    the PeftModel context managers), never inside forward.
     """
 
     def __init__(self, base_layer: nn.Module):
         super().__init__()
         self.base_layer = base_layer
         self.training = base_layer.training  # new adapter modules follow via _follow_mode
-        self.active_adapter: Optional[str] = None
+        self.active_adapters: List[str] = []
         self.disabled = False
         self.merged_adapters: List[str] = []
+
+    @property
+    def active_adapter(self) -> Optional[str]:
+        return self.active_adapters[0] if self.active_adapters else None
+
+    @active_adapter.setter
+    def active_adapter(self, name: Optional[str]) -> None:
+        self.active_adapters = [] if name is None else [name]
 
     # subclasses: adapter_names(), update_layer(name, config), delete_adapter(name), adapter_state_dict(name),
     # merge(safe_merge, adapter_names) and _unmerge_one(name) (or their own unmerge())
@@ -192,14 +201,20 @@ class TunerLayer(nn.Module):
     def get_base_layer(self) -> nn.Module:
         return self.base_layer
 
-    def _live_adapter(self) -> Optional[str]:
-        """The adapter forward should apply (None: plain base layer)."""
-        if self.disabled or self.merged or self.active_adapter not in self.adapter_names():
-            return None
-        return self.active_adapter
+    def _live_adapters(self) -> List[str]:
+        """The adapters forward should apply ([]: plain base layer)."""
+        if self.disabled or self.merged:
+            return []
+        have = self.adapter_names()
+        return [n for n in self.active_adapters if n in have]
 
-    def set_adapter(self, name: str) -> None:
-        self.active_adapter = name
+    def _live_adapter(self) -> Optional[str]:
+        names = self._live_adapters()
+        return names[0] if names else None
+
+    def set_adapter(self, names) -> None:
+        """One adapter name or a list of them."""
+        self.active_adapters = [names] if isinstance(names, str) else list(names)
 
     def _follow_mode(self) -> None:
         """Put freshly created adapter modules (dropout!) in this layer's train/eval mode."""
@@ -228,6 +243,7 @@ class ModulesToSaveWrapper(nn.Module):
         self.modules_to_save = nn.ModuleDict()
         self.active_adapter = adapter_name
         self.disabled = False
+        self.row_groups = None  # set by PeftModel for adapter_names= (multi_lora.RowGroups)
         self.update(adapter_name)
 
     def update(self, adapter_name: str) -> None:
@@ -237,9 +253,21 @@ class ModulesToSaveWrapper(nn.Module):
             self.modules_to_save[adapter_name] = copy_
 
     def forward(self, *args, **kwargs):
+        if self.row_groups is not None and not self.disabled:
+            return self._mixed_forward(*args, **kwargs)
         if self.disabled or self.active_adapter not in self.modules_to_save:
             return self.original_module(*args, **kwargs)
         return self.modules_to_save[self.active_adapter](*args, **kwargs)
+
+    def _mixed_forward(self, x, *args, **kwargs):
+        """Each row through its adapter's copy (or the original): one call per adapter present in the batch,
+        as PEFT does for full modules (the LoRA layers' rows are batched, see multi_lora.py)."""
+        out = self.original_module(x, *args, **kwargs)
+        for name, rows in self.row_groups.rows.items():
+            if name in self.modules_to_save:
+                idx = torch.tensor(rows, device=x.device)
+                out = out.index_copy(0, idx, self.modules_to_save[name](x[idx], *args, **kwargs).to(out.dtype))
+        return out
 
     def __getattr__(self, name):
         try:

@@ -3,14 +3,14 @@ attribute access and `generate` to the wrapped model; merge / unmerge / merge_an
 add_adapter / set_adapter, parameter counts, save_pretrained / from_pretrained (see io.py)."""
 import contextlib
 import copy
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Union
 
 import torch
 from torch import nn
 
 import nf4q
 
-from . import adapters, ia3, lora
+from . import adapters, ia3, lora, multi_lora
 from .config import LoRAConfig, PeftConfig
 from .inject import save_wrappers, set_module, tuner_layers, wrap_modules_to_save
 from .prefix import PrefixEncoder, allow_checkpointing_with_cache, cache_argument, prefix_forward
@@ -92,7 +92,21 @@ class PeftModel(nn.Module):
     def active_peft_config(self) -> PeftConfig:
         return self.peft_config[self.active_adapter]
 
-    def forward(self, *args, **kwargs):
+    @property
+    def active_adapter(self) -> str:
+        """The active adapter (the first of `active_adapters` when several LoRA adapters are summed)."""
+        return self.active_adapters[0]
+
+    @active_adapter.setter
+    def active_adapter(self, name: str) -> None:
+        self.active_adapters = [name]
+
+    def forward(self, *args, adapter_names: Optional[List[str]] = None, **kwargs):
+        """The wrapped model's forward. adapter_names (LoRA, eval mode): one adapter name per batch row, or
+        "__base__" for the base model alone (PEFT's mixed-adapter batches)."""
+        if adapter_names is not None:
+            with self._mixed_batch(adapter_names, args, kwargs):
+                return self.base_model(*args, **kwargs)
         if not self.is_prompt_learning or self._adapters_disabled:
             return self.base_model(*args, **kwargs)
         if args:  # positional input_ids, as transformers models take them
@@ -106,9 +120,16 @@ class PeftModel(nn.Module):
         frozen = self.training or kwargs.get("use_cache") is False  # a cache that never grows: safe to recompute
         return prefix_forward(model, encoder, config, frozen, **kwargs)
 
-    def generate(self, *args, **kwargs):
-        """The wrapped model's generate; prompt methods feed their tokens/prefix in through a forward pre-hook."""
+    def generate(self, *args, adapter_names: Optional[List[str]] = None, **kwargs):
+        """The wrapped model's generate; prompt methods feed their tokens/prefix in through a forward pre-hook.
+        adapter_names: as in forward (repeated for each beam with num_beams > 1)."""
         model = self.get_base_model()
+        if adapter_names is not None:
+            beams = kwargs.get("num_beams")
+            if isinstance(adapter_names, (list, tuple)) and isinstance(beams, int) and beams > 1:
+                adapter_names = [n for n in adapter_names for _ in range(beams)]
+            with self._mixed_batch(adapter_names, args, {}), torch.no_grad():
+                return model.generate(*args, **kwargs)
         if not self.is_prompt_learning or self._adapters_disabled:
             return model.generate(*args, **kwargs)
         config, encoder = self.active_peft_config, self.prompt_encoder[self.active_adapter]
@@ -157,13 +178,46 @@ class PeftModel(nn.Module):
         self.peft_config[adapter_name] = config
         self._refresh()
 
-    def set_adapter(self, adapter_name: str) -> None:
-        if adapter_name not in self.peft_config:
-            raise ValueError(f"unknown adapter {adapter_name!r}; adapters: {list(self.peft_config)}")
+    def set_adapter(self, adapter_name: Union[str, List[str]]) -> None:
+        """Make one adapter active, or (LoRA) a list of them: their updates are summed and all of them train."""
+        names = [adapter_name] if isinstance(adapter_name, str) else adapter_name
+        if not isinstance(names, (list, tuple)) or not names or not all(isinstance(n, str) for n in names):
+            raise TypeError(f"adapter_name must be an adapter name or a non-empty list of names, got {adapter_name!r}")
+        unknown = [n for n in names if n not in self.peft_config]
+        if unknown:
+            raise ValueError(f"unknown adapter {unknown[0]!r}; adapters: {list(self.peft_config)}")
+        if len(names) > 1 and self.peft_type != "LORA":
+            raise ValueError(f"adapter_name: several active adapters are supported for LoRA, not {self.peft_type}")
         if any(layer.merged for layer in tuner_layers(self.get_base_model()).values()):
             raise RuntimeError("unmerge_adapter() before switching adapters")
-        self.active_adapter = adapter_name
+        self.active_adapters = list(dict.fromkeys(names))
         self._refresh()
+
+    def add_weighted_adapter(self, adapters: List[str], weights: List[float], adapter_name: str,
+                             combination_type: str = "svd", svd_rank: Optional[int] = None,
+                             svd_clamp: Optional[float] = None, svd_full_matrices: bool = True,
+                             svd_driver: Optional[str] = None) -> None:
+        """A new LoRA adapter `adapter_name` combining `adapters` with `weights`, as PEFT's: "linear" (same r;
+        A = Σ √(w·s) A_i, B likewise), "cat" (rank Σ r_i: exactly Σ w_i·s_i·B_i A_i) or "svd" (rank svd_rank or
+        max r_i: truncated SVD of Σ w_i·s_i·ΔW_i). It is not made active."""
+        from .weighted import add_weighted_adapter
+
+        add_weighted_adapter(self, adapters, weights, adapter_name, combination_type, svd_rank, svd_clamp,
+                             svd_full_matrices, svd_driver)
+
+    @contextlib.contextmanager
+    def _mixed_batch(self, adapter_names, args, kwargs):
+        """Route each batch row through its adapter (multi_lora.RowGroups on every LoRA layer) for one call."""
+        groups = multi_lora.check_adapter_names(self, adapter_names, args, kwargs)
+        model = self.get_base_model()
+        layers = list(tuner_layers(model).values()) + list(save_wrappers(model).values())
+        for m in layers:
+            m.row_groups = groups
+        try:
+            yield
+        finally:
+            for m in layers:
+                m.row_groups = None
 
     def delete_adapter(self, adapter_name: str) -> None:
         if adapter_name not in self.peft_config:
@@ -177,20 +231,24 @@ class PeftModel(nn.Module):
         if self.is_prompt_learning:
             del self.prompt_encoder[adapter_name]
         del self.peft_config[adapter_name]
-        if self.active_adapter == adapter_name and self.peft_config:
+        remaining = [n for n in self.active_adapters if n != adapter_name]
+        if remaining or not self.peft_config:
+            self.active_adapters = remaining or [adapter_name]
+        else:
             self.active_adapter = next(iter(self.peft_config))
         self._refresh()
 
     def _refresh(self) -> None:
-        """Point every layer at the active adapter and let exactly its parameters train."""
+        """Point every layer at the active adapters and let exactly their parameters train."""
         name, model = self.active_adapter, self.get_base_model()
         config = self.peft_config.get(name)
+        active = {n for n in self.active_adapters if n in self.peft_config and not self.peft_config[n].inference_mode}
         train = config is not None and not config.inference_mode
         for layer in tuner_layers(model).values():
-            layer.set_adapter(name)
+            layer.set_adapter(self.active_adapters)
             for n in layer.adapter_names():
                 for p in layer.adapter_parameters(n):
-                    p.requires_grad_(train and n == name)
+                    p.requires_grad_(n in active)
         for wrapper in save_wrappers(model).values():
             wrapper.active_adapter = name
             for n, m in wrapper.modules_to_save.items():
@@ -202,9 +260,9 @@ class PeftModel(nn.Module):
             for cfg in self.peft_config.values():
                 for p in lora.bias_parameters(model, cfg).values():
                     p.requires_grad_(False)
-            if config is not None:
-                for p in lora.bias_parameters(model, config).values():
-                    p.requires_grad_(train)
+            for n in active:
+                for p in lora.bias_parameters(model, self.peft_config[n]).values():
+                    p.requires_grad_(True)
 
     @contextlib.contextmanager
     def disable_adapter(self):
@@ -236,7 +294,7 @@ class PeftModel(nn.Module):
     def merge_adapter(self, adapter_names: Optional[List[str]] = None, safe_merge: bool = False) -> None:
         """Fold the active (or the named) adapters into the base weights; safe_merge raises on non-finite results."""
         self._check_mergeable()
-        names = adapter_names or [self.active_adapter]
+        names = adapter_names or list(self.active_adapters)
         for layer in tuner_layers(self.get_base_model()).values():
             present = [n for n in names if n in layer.adapter_names()]
             if present:

@@ -199,7 +199,7 @@ def test_wrong_keys_and_shapes_name_the_file_and_key(tmp_path):
     ('{"r": 4}', r"adapter_config\.json: missing key 'peft_type'"),
     ('{"peft_type": "LOHA"}', r"adapter_config\.json: 'peft_type' 'LOHA' is not supported"),
     ('{"peft_type": "LORA", "r": -2}', r"adapter_config\.json: r must be a positive int"),
-    ('{"peft_type": "LORA", "use_dora": true}', r"adapter_config\.json: 'use_dora'=True is not supported"),
+    ('{"peft_type": "LORA", "lora_bias": true}', r"adapter_config\.json: 'lora_bias'=True is not supported"),
     ("[1, 2]", r"adapter_config\.json: expected a JSON object"),
 ])
 def test_bad_config_files(tmp_path, text, match):

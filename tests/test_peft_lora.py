@@ -35,8 +35,8 @@ def test_config_round_trip_and_peft_names():
     assert LoRAConfig().to_dict()["init_lora_weights"] is True
     # a PEFT file: many keys we ignore, the ones that change the computation are refused
     assert PeftConfig.from_dict({"peft_type": "LORA", "r": 2, "use_dora": False, "megatron_core": "x"}).r == 2
-    with pytest.raises(ValueError, match="use_dora"):
-        PeftConfig.from_dict({"peft_type": "LORA", "use_dora": True}, source="f.json")
+    with pytest.raises(ValueError, match="lora_bias"):
+        PeftConfig.from_dict({"peft_type": "LORA", "lora_bias": True}, source="f.json")
 
 
 @pytest.mark.parametrize("kwargs, match", [({"r": 0}, "r must"), ({"lora_alpha": -1}, "lora_alpha"),
