@@ -103,12 +103,8 @@ def loftq_init_(layer, name: str, iters: int) -> None:
         raise ValueError("init_lora_weights='loftq' changes the base weight: it must be the layer's first adapter")
     q, A, B = loftq(base.weight.detach().float(), layer.r[name], layer.scaling[name], iters)
     half = base.weight.dtype in (torch.float16, torch.bfloat16)
-    new = nf4q.Linear4bit.__new__(nf4q.Linear4bit)  # built around Q as is: requantizing would change it
-    nn.Module.__init__(new)
-    new.in_features, new.out_features = base.in_features, base.out_features
-    new.compute_dtype = base.weight.dtype if half else None
-    new.set_quantized(dataclasses.replace(q, dtype=base.weight.dtype))
-    new.bias = nn.Parameter(base.bias.detach().clone(), requires_grad=False) if base.bias is not None else None
-    new.train(base.training)
+    new = nf4q.Linear4bit.from_linear(base, compute_dtype=base.weight.dtype if half else None)
+    new.set_quantized(dataclasses.replace(q, dtype=base.weight.dtype))  # Q itself: requantizing would change it
+    new.requires_grad_(False)
     layer.base_layer, layer.is_4bit = new, True
     _set_lora(layer, name, A, B)

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 import nf4q
-from peft_helpers import VOCAB, batch, logits, perturb_adapter, same_weights, tiny_gpt2, tiny_llama, train
+from peft_helpers import VOCAB, TwoLayer, batch, logits, perturb_adapter, same_weights, tiny_gpt2, tiny_llama, train
 from peft_layers import LoRAConfig, LoRALayer, PeftModel, get_peft_model
 from peft_layers import multi_lora
 
@@ -202,6 +202,30 @@ def test_mixed_batch_matches_peft(tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(ours(**b, adapter_names=NAMES).logits,
                                    theirs.eval()(**b, adapter_names=NAMES).logits, rtol=0, atol=ATOL)
+
+
+def test_mixed_batch_with_modules_to_save():
+    model = get_peft_model(TwoLayer(), LoRAConfig(r=2, target_modules=["proj_in"], modules_to_save=["head"]))
+    model.add_adapter("b", LoRAConfig(r=3, target_modules=["proj_in"], modules_to_save=["head"]))
+    model.set_adapter(["default", "b"])
+    perturb_adapter(model)
+    with torch.no_grad():
+        for copy_ in model.get_base_model().head.modules_to_save.values():
+            copy_.weight.add_(torch.randn_like(copy_.weight))
+    model.set_adapter("default")
+    model.eval()
+    x = torch.randn(5, 24)
+    names = ["b", "__base__", "default", "b", "__base__"]
+    with torch.no_grad():
+        got = model(x, adapter_names=names)
+        for i, name in enumerate(names):
+            if name == "__base__":
+                with model.disable_adapter():
+                    ref = model(x[i:i + 1])
+            else:
+                model.set_adapter(name)
+                ref = model(x[i:i + 1])
+            torch.testing.assert_close(got[i:i + 1], ref, rtol=0, atol=ATOL)
 
 
 @pytest.mark.parametrize("ranks", [(1, 8, 16), (16, 64, 4)])
