@@ -4,6 +4,7 @@ USE_CUDA=0/1 overrides the detection. Without a visible GPU, TORCH_CUDA_ARCH_LIS
 built as 9.0a (wgmma).
 """
 import glob
+import importlib.util
 import os
 import re
 import site
@@ -43,7 +44,23 @@ def _pip_cuda_includes():
     return dirs
 
 
+def _check_compiler():
+    """Build with a C++ compiler whose exceptions torch can catch: a compiler wrapper with its own C++ runtime
+    turns every TORCH_CHECK into SIGSEGV (issue 17). scripts/compiler_probe.py probes $CXX when its
+    libstdc++/libgcc_s differ from the ones torch loaded, falls back to /usr/bin/g++ or stops with what to do."""
+    probe_file = os.path.join(ROOT, "scripts", "compiler_probe.py")
+    if not sys.platform.startswith("linux") or not os.path.exists(probe_file):
+        return
+    spec = importlib.util.spec_from_file_location("_nf4q_compiler_probe", probe_file)
+    probe = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(probe)
+    cxx = probe.choose_compiler(os.path.join(ROOT, "build"))
+    if cxx != os.environ.get("CXX", "c++"):
+        os.environ["CXX"] = cxx  # compiles and (setuptools' linker_so_cxx) links
+
+
 def _extension():
+    _check_compiler()
     sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp"))
     cxx = ["-O3", "-fopenmp"]  # the C++ standard comes from torch (C++20 from 2.13 on)
     if sys.platform == "darwin":

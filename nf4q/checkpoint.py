@@ -17,11 +17,10 @@ import torch
 from torch import nn
 
 from .linear import Linear4bit, quantize_model
-from .tensor import QS_KEY, FormatError, NF4Weight, _dtype_name
+from .tensor import _DTYPES, QS_KEY, FormatError, NF4Weight, _dtype_name
 
 WEIGHTS_NAME = "model.safetensors"
 _WEIGHT_FILES = (".safetensors", ".bin", ".pt", ".pth", ".msgpack", ".h5", ".ckpt")
-_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 def quantization_config(compute_dtype=torch.float32, double_quant: bool = True, skip_modules=None) -> dict:
@@ -183,8 +182,10 @@ def _read_config(path: Path) -> dict:
             cfg = json.load(f)
     except FileNotFoundError:
         raise FileNotFoundError(f"{path} has no config.json: not a saved model directory") from None
-    except json.JSONDecodeError as e:
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise FormatError(f"{path / 'config.json'} is not valid JSON ({e})") from None
+    if not isinstance(cfg, dict):
+        raise FormatError(f"{path / 'config.json'} is not a JSON object")
     qc = cfg.get("quantization_config")
     if not isinstance(qc, dict) or qc.get("quant_method") != "bitsandbytes" or not qc.get("load_in_4bit") \
             or qc.get("bnb_4bit_quant_type") != "nf4":
@@ -202,7 +203,12 @@ def load_state_dict(path: Union[str, Path]) -> dict:
         raise FileNotFoundError(f"no .safetensors files in {path}")
     sd = {}
     for f in files:
-        sd.update(load_file(str(f)))
+        try:
+            sd.update(load_file(str(f)))
+        except (FileNotFoundError, PermissionError, IsADirectoryError):
+            raise
+        except Exception as e:  # safetensors' own SafetensorError, or an OSError/ValueError of a truncated file
+            raise FormatError(f"{f} is not a valid safetensors file ({type(e).__name__}: {e})") from None
     return sd
 
 
@@ -226,6 +232,9 @@ def load_quantized(path: Union[str, Path], device=None, compute_dtype=None) -> n
     for name, module in list(model.named_modules()):
         if isinstance(module, nn.Linear) and f"{name}.{QS_KEY}" in sd:
             qw = NF4Weight.from_state_dict(sd, f"{name}.")
+            if tuple(qw.shape) != (module.out_features, module.in_features):
+                raise FormatError(f"{path}: {name}.weight has shape {tuple(qw.shape)}, the model's config says "
+                                  f"({module.out_features}, {module.in_features})")
             layer = Linear4bit.__new__(Linear4bit)
             nn.Module.__init__(layer)
             layer.in_features, layer.out_features, layer.compute_dtype = module.in_features, module.out_features, \
@@ -234,12 +243,18 @@ def load_quantized(path: Union[str, Path], device=None, compute_dtype=None) -> n
             bias = sd.get(f"{name}.bias")
             if (bias is None) != (module.bias is None):
                 raise FormatError(f"{name}: bias presence differs between config and checkpoint")
+            if bias is not None and (bias.shape != (module.out_features,) or not bias.is_floating_point()):
+                raise FormatError(f"{path}: {name}.bias must be a float tensor of shape ({module.out_features},), "
+                                  f"got {bias.dtype} {tuple(bias.shape)}")
             layer.bias = nn.Parameter(bias) if bias is not None else None
             parent, _, child = name.rpartition(".")
             setattr(model.get_submodule(parent) if parent else model, child, layer)
             for key in [k for k in sd if k.startswith(name + ".weight") or k == name + ".bias"]:
                 del sd[key]
-    missing, unexpected = model.load_state_dict(sd, strict=False, assign=True)
+    try:
+        missing, unexpected = model.load_state_dict(sd, strict=False, assign=True)
+    except RuntimeError as e:  # size mismatches of the unquantized tensors
+        raise FormatError(f"{path}: {e}") from None
     if unexpected:
         raise FormatError(f"{path}: tensors that {type(model).__name__} does not have: {unexpected[:5]}")
     if hasattr(model, "tie_weights"):

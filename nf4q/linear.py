@@ -101,22 +101,44 @@ class Linear4bit(nn.Module):
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):
-        own = {k: v for k, v in state_dict.items() if k.startswith(prefix + "weight")}
+        # As nn.Linear's: missing keys, unexpected keys (with strict) and size mismatches are reported, never
+        # broadcast or dropped. The weight is the group of bitsandbytes keys; a malformed group is a FormatError.
+        weight_keys = {prefix + k for k in ("weight", "weight.absmax", "weight.quant_map", "weight.nested_absmax",
+                                            "weight.nested_quant_map")}
+        own = {k: v for k, v in state_dict.items()
+               if k in weight_keys or k.startswith(prefix + "weight.quant_state.")}
         if not own:
             missing_keys.append(prefix + "weight")
         else:
-            device = self.weight.device
-            qw = NF4Weight.from_state_dict(own, prefix).to(device)
-            self.set_quantized(qw)
-        if self.bias is not None:
-            if prefix + "bias" in state_dict:
-                with torch.no_grad():
-                    self.bias.copy_(state_dict[prefix + "bias"])
+            qw = NF4Weight.from_state_dict(own, prefix)
+            if tuple(qw.shape) != (self.out_features, self.in_features):
+                error_msgs.append(f"size mismatch for {prefix}weight: copying a param with shape {tuple(qw.shape)} "
+                                  f"from checkpoint, the shape in current model is "
+                                  f"{(self.out_features, self.in_features)}.")
             else:
-                missing_keys.append(prefix + "bias")
-        for key in state_dict:
-            if key.startswith(prefix) and key not in own and key != prefix + "bias":
-                unexpected_keys.append(key)
+                device = self.weight.device
+                self.set_quantized(qw if device.type == "meta" else qw.to(device))
+        key = prefix + "bias"
+        if self.bias is not None:
+            if key not in state_dict:
+                missing_keys.append(key)
+            else:
+                value = state_dict[key]
+                if not isinstance(value, torch.Tensor):
+                    error_msgs.append(f'While copying the parameter named "{key}", expected torch.Tensor or '
+                                      f"Tensor-like object from checkpoint but received {type(value)}")
+                elif value.shape != self.bias.shape:
+                    error_msgs.append(f"size mismatch for {key}: copying a param with shape {value.shape} from "
+                                      f"checkpoint, the shape in current model is {self.bias.shape}.")
+                elif local_metadata.get("assign_to_params_buffers", False):
+                    self.bias = nn.Parameter(value, requires_grad=self.bias.requires_grad)
+                else:
+                    with torch.no_grad():
+                        self.bias.copy_(value)
+        if strict:  # everything else under this prefix (a bias on a bias=False layer, unknown weight* keys)
+            for k in state_dict:
+                if k.startswith(prefix) and k not in own and (k != key or self.bias is None):
+                    unexpected_keys.append(k)
 
 
 def _matches(name: str, patterns: Iterable[str]) -> bool:

@@ -6,23 +6,27 @@ from typing import ClassVar, Optional, Tuple
 
 import torch
 
-from . import _ops
+from . import _ops, _reference
 from .codebook import nested_map as _nested_map, nf4_code
 
 NESTED_BLOCKSIZE = 256
 QS_KEY = "weight.quant_state.bitsandbytes__nf4"
+# The one dtype table of original weights: what quantize() takes and checkpoints name (csrc/checks.h has the
+# kernels' twin, is_native_float).
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+_INT32_MAX = 2**31 - 1
 
 
 class FormatError(ValueError):
     """A checkpoint or state dict that is not a valid NF4 weight."""
 
 
-def _check_blocksize(blocksize):
+def _check_blocksize(blocksize, name="blocksize"):
+    """The one NF4 blocksize rule in Python (csrc/checks.h's check_blocksize is its C++ twin; tested equal)."""
     if not isinstance(blocksize, int) or isinstance(blocksize, bool):
-        raise TypeError(f"blocksize must be an int, got {type(blocksize).__name__}")
+        raise TypeError(f"{name} must be an int, got {type(blocksize).__name__}")
     if not (32 <= blocksize <= 4096) or blocksize & (blocksize - 1):
-        raise ValueError(f"blocksize must be a power of two in [32, 4096], got {blocksize}")
+        raise ValueError(f"{name} must be a power of two in [32, 4096], got {blocksize}")
 
 
 def _dtype_name(dtype):
@@ -117,7 +121,9 @@ class NF4Weight:
 
     @classmethod
     def from_state_dict(cls, sd: dict, prefix: str = "") -> "NF4Weight":
-        """Read a weight written by `state_dict` or by bitsandbytes; raises FormatError on anything off."""
+        """Read a weight written by `state_dict` or by bitsandbytes; raises FormatError (naming the key and the
+        field) on anything off: every JSON field is checked for type, range and finiteness, and every tensor for
+        dtype, size (consistent with the JSON) and finite values."""
         def get(key):
             if prefix + key not in sd:
                 raise FormatError(f"state dict is missing key {prefix + key!r}")
@@ -129,41 +135,26 @@ class NF4Weight:
         qs_keys = [k for k in sd if k.startswith(prefix + "weight.quant_state.")]
         if qs_keys and qs_keys != [prefix + QS_KEY]:
             raise FormatError(f"{qs_keys[0]!r}: only NF4 weights (quant_state.bitsandbytes__nf4) are supported")
-        blob = get(QS_KEY)
-        try:
-            meta = json.loads(bytes(blob.detach().cpu().to(torch.uint8).numpy()).decode("utf-8"))
-            if not isinstance(meta, dict):
-                raise ValueError("not a JSON object")
-        except (ValueError, UnicodeDecodeError) as e:
-            raise FormatError(f"{prefix + QS_KEY!r} is not a valid quant-state JSON blob ({e})") from None
-        if meta.get("quant_type") != "nf4":
-            raise FormatError(f"{prefix + QS_KEY!r}: quant_type must be 'nf4', got {meta.get('quant_type')!r}")
-        try:
-            shape = torch.Size(int(s) for s in meta["shape"])
-            blocksize = int(meta["blocksize"])
-            dtype = _DTYPES[meta["dtype"]]
-            _check_blocksize(blocksize)
-        except (KeyError, TypeError, ValueError) as e:
-            raise FormatError(f"{prefix + QS_KEY!r}: bad or missing field ({e!r})") from None
+        meta = _read_quant_state(get(QS_KEY), prefix + QS_KEY)
+        shape, blocksize, dtype = meta["shape"], meta["blocksize"], meta["dtype"]
         n = math.prod(shape)
         blocks = -(-n // blocksize)
         packed = get("weight")
-        expect = [(packed, "weight", torch.uint8, (n + 1) // 2), (get("weight.quant_map"), "weight.quant_map",
-                                                                   torch.float32, 16)]
+        double_quant = prefix + "weight.nested_absmax" in sd
+        if double_quant != ("nested_offset" in meta):
+            raise FormatError(f"{prefix + QS_KEY!r}: the JSON {'lacks' if double_quant else 'has'} the nested fields "
+                              f"but the state dict {'has' if double_quant else 'lacks'} {prefix + 'weight.nested_absmax'!r}")
+        expect = [(packed, "weight", torch.uint8, (n + 1) // 2),
+                  (get("weight.quant_map"), "weight.quant_map", torch.float32, 16)]
         kw = {}
-        if "nested_absmax" in meta or prefix + "weight.nested_absmax" in sd:
-            try:
-                nbs, offset = int(meta["nested_blocksize"]), float(meta["nested_offset"])
-            except (KeyError, TypeError, ValueError) as e:
-                raise FormatError(f"{prefix + QS_KEY!r}: bad or missing nested field ({e!r})") from None
-            if nbs <= 0:
-                raise FormatError(f"{prefix + QS_KEY!r}: nested_blocksize must be positive, got {nbs}")
-            kw = dict(nested_absmax=get("weight.nested_absmax"), nested_code=get("weight.nested_quant_map"),
-                      nested_blocksize=nbs)
+        if double_quant:
+            nbs = meta["nested_blocksize"]
+            kw = dict(nested_absmax=get("weight.nested_absmax").reshape(-1).contiguous(),
+                      nested_code=get("weight.nested_quant_map").reshape(-1).contiguous(), nested_blocksize=nbs)
             expect += [(get("weight.absmax"), "weight.absmax", torch.uint8, blocks),
                        (kw["nested_absmax"], "weight.nested_absmax", torch.float32, -(-blocks // nbs)),
                        (kw["nested_code"], "weight.nested_quant_map", torch.float32, 256)]
-            kw["nested_offset"] = torch.tensor([offset], dtype=torch.float32, device=packed.device)
+            kw["nested_offset"] = torch.tensor([meta["nested_offset"]], dtype=torch.float32, device=packed.device)
         else:
             expect.append((get("weight.absmax"), "weight.absmax", torch.float32, blocks))
         for t, key, want_dtype, want_numel in expect:
@@ -172,9 +163,82 @@ class NF4Weight:
                                   f"{tuple(shape)}, got {t.dtype} with {t.numel()}")
             if t.device != packed.device:
                 raise FormatError(f"{prefix + key!r} is on {t.device}, but {prefix}weight is on {packed.device}")
-        return cls(packed=packed.reshape(-1, 1).contiguous(), absmax=get("weight.absmax").reshape(-1).contiguous(),
-                   code=get("weight.quant_map").reshape(-1).contiguous(), shape=shape, dtype=dtype,
-                   blocksize=blocksize, **kw)
+            if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+                raise FormatError(f"{prefix + key!r} holds NaN or Inf values")
+        qw = cls(packed=packed.reshape(-1, 1).contiguous(), absmax=get("weight.absmax").reshape(-1).contiguous(),
+                 code=get("weight.quant_map").reshape(-1).contiguous(), shape=torch.Size(shape), dtype=dtype,
+                 blocksize=blocksize, **kw)
+        # The scales as the kernels decode them, and their products with the code, must stay finite.
+        scales = _reference.absmax_fp32(qw.absmax, qw.nested_absmax, qw.nested_code, qw.nested_offset,
+                                        qw.nested_blocksize)
+        if n and not (bool(torch.isfinite(scales).all()) and
+                      float(scales.abs().max()) * float(qw.code.abs().max()) <= torch.finfo(torch.float32).max):
+            raise FormatError(f"{prefix + 'weight.absmax'!r}: the decoded scales overflow float32 "
+                              f"(times {prefix + 'weight.quant_map'!r})")
+        return qw
+
+
+def _read_quant_state(blob: torch.Tensor, key: str) -> dict:
+    """The quant-state JSON of `key`, every field checked (type, range, finiteness); FormatError names the
+    key and the field. Returns quant_type, blocksize, dtype (a torch.dtype), shape (a list) and, when
+    double-quantized, nested_blocksize and nested_offset (an fp32-representable finite float)."""
+    if blob.dtype != torch.uint8 or blob.dim() != 1:
+        raise FormatError(f"{key!r} must be a 1-D uint8 tensor of JSON bytes, got {blob.dtype} {tuple(blob.shape)}")
+    try:
+        meta = json.loads(bytes(blob.detach().cpu().numpy()).decode("utf-8"))
+    except (ValueError, UnicodeDecodeError, RecursionError) as e:
+        raise FormatError(f"{key!r} is not a valid quant-state JSON blob ({e})") from None
+    if not isinstance(meta, dict):
+        raise FormatError(f"{key!r} is not a valid quant-state JSON blob (not a JSON object)")
+
+    def bad(field, why):
+        return FormatError(f"{key!r}: field {field!r} {why}, got {meta.get(field)!r}")
+
+    def integer(field, lo, hi):
+        v = meta.get(field)
+        if field not in meta:
+            raise FormatError(f"{key!r}: missing field {field!r}")
+        if not isinstance(v, int) or isinstance(v, bool):
+            raise bad(field, "must be an integer")
+        if not lo <= v <= hi:
+            raise bad(field, f"must be in [{lo}, {hi}]")
+        return v
+
+    if meta.get("quant_type") != "nf4":
+        raise FormatError(f"{key!r}: quant_type must be 'nf4', got {meta.get('quant_type')!r}")
+    out = {"quant_type": "nf4", "blocksize": integer("blocksize", 32, 4096)}
+    try:
+        _check_blocksize(out["blocksize"])
+    except ValueError as e:
+        raise FormatError(f"{key!r}: field 'blocksize': {e}") from None
+    if not isinstance(meta.get("dtype"), str) or meta["dtype"] not in _DTYPES:
+        raise bad("dtype", f"must be one of {sorted(_DTYPES)}")
+    out["dtype"] = _DTYPES[meta["dtype"]]
+    shape = meta.get("shape")
+    if not isinstance(shape, list) or not all(isinstance(s, int) and not isinstance(s, bool) for s in shape):
+        raise bad("shape", "must be a list of integers")
+    if any(s < 0 for s in shape) or math.prod(shape) >= 2**62:
+        raise bad("shape", "must have non-negative dims and fewer than 2^62 elements")
+    out["shape"] = shape
+    nested = [f for f in ("nested_blocksize", "nested_offset") if f in meta]
+    if nested:
+        if len(nested) != 2:
+            raise FormatError(f"{key!r}: fields 'nested_blocksize' and 'nested_offset' come together; only {nested[0]!r}")
+        out["nested_blocksize"] = integer("nested_blocksize", 1, _INT32_MAX)
+        off = meta["nested_offset"]
+        if not isinstance(off, (int, float)) or isinstance(off, bool):
+            raise bad("nested_offset", "must be a number")
+        try:  # an integer beyond float64's range, NaN, +-Infinity (JSON's literals) or beyond fp32's range
+            off = float(off)
+            ok = math.isfinite(off) and math.isfinite(float(torch.tensor(off, dtype=torch.float64).float()))
+        except OverflowError:
+            ok = False
+        if not ok:
+            raise bad("nested_offset", "must be finite in float32")
+        out["nested_offset"] = off
+        if meta.get("nested_dtype", "float32") != "float32":
+            raise bad("nested_dtype", "must be 'float32'")
+    return out
 
 
 def quantize(w: torch.Tensor, blocksize: int = 64, double_quant: bool = True, nested_map="fp8_e4m3") -> NF4Weight:
@@ -184,7 +248,7 @@ def quantize(w: torch.Tensor, blocksize: int = 64, double_quant: bool = True, ne
     """
     if not isinstance(w, torch.Tensor):
         raise TypeError(f"w must be a torch.Tensor, got {type(w).__name__}")
-    if w.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+    if w.dtype not in _DTYPES.values():
         raise TypeError(f"w must be float32, float16 or bfloat16, got {w.dtype}")
     _check_blocksize(blocksize)
     if w.numel() == 0:
@@ -200,9 +264,16 @@ def quantize(w: torch.Tensor, blocksize: int = 64, double_quant: bool = True, ne
         if table.numel() != 256 or not bool((table[1:] >= table[:-1]).all()):
             raise ValueError("nested_map must be a sorted table of 256 values")
         table = table.to(device=w.device, dtype=torch.float32).contiguous()
-        offset = absmax.mean().view(1)
+        # The mean in fp64: in fp32 the sum of absmax values near the fp32 maximum overflows to Inf (an all-NaN
+        # weight, as bitsandbytes gives). The mean itself, and absmax - mean, always fit fp32.
+        offset = absmax.double().mean().float().view(1)
         q2, absmax2 = _ops.quantize_blockwise_8bit(absmax - offset, table, NESTED_BLOCKSIZE)
         qw = replace(qw, absmax=q2, nested_absmax=absmax2, nested_code=table, nested_offset=offset)
+        # code * absmax2 + offset can still round past the fp32 maximum when the absmax values come within one
+        # 8-bit step of it: refuse rather than return Inf/NaN weights.
+        if not bool(torch.isfinite(_reference.absmax_fp32(q2, absmax2, table, offset, NESTED_BLOCKSIZE)).all()):
+            raise ValueError("w has values too close to the float32 maximum for double quantization "
+                             "(the decoded scales overflow); use double_quant=False")
     return qw
 
 

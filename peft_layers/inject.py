@@ -86,6 +86,12 @@ def find_targets(model: nn.Module, target_modules, *, layers_to_transform=None, 
     match. Wrappers already inserted by peft_layers count as their base layer."""
     if target_modules is None:
         raise ValueError(f"{what} is None and there is no default for {type(model).__name__}: name the modules")
+    for field, value in ((what, target_modules), ("exclude_modules", exclude_modules)):
+        try:
+            if isinstance(value, str):
+                re.compile(value)
+        except re.error as e:
+            raise ValueError(f"{field}={value!r} is not a valid regular expression ({e})") from None
     heads = output_head_names(model) if target_modules == "all-linear" else set()
     found, seen_linear = [], []
     for name, module in model.named_modules():

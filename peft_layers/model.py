@@ -414,4 +414,7 @@ class PeftModel(nn.Module):
 def get_peft_model(model: nn.Module, config: PeftConfig, adapter_name: str = "default", tokenizer=None) -> PeftModel:
     """Freeze `model`, add the method of `config` as adapter `adapter_name`, and return the PeftModel.
     `tokenizer` is used by PromptTuningConfig(init="text")."""
+    if isinstance(model, PeftModel) or tuner_layers(model):  # a second call would re-initialise the first adapter
+        raise ValueError("model already has peft_layers adapters (get_peft_model was called on it before): use "
+                         "peft_model.add_adapter(name, config) for another adapter, or merge_and_unload() first")
     return PeftModel(model, config, adapter_name=adapter_name, tokenizer=tokenizer)

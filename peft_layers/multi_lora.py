@@ -5,7 +5,8 @@ Per layer: the base output once for the whole batch (one GEMM / NF4 op), then ev
 Punica-SGMV style with batched torch ops: the layer's adapters are kept stacked (A [N, r, in], B [N, out, r], zero
 padded to the largest r, cast to the compute dtype, rebuilt only when a weight changes); the rows are gathered
 into a [U, rows, in] block for the U adapters present (padded to the largest group), two bmm's give
-s·B A x for every group, and one index_add puts them back. The grouping is computed once per model call on the
+s·B A x for every group (s folded into the stacked B), and one index_add_ puts them back: four kernels besides
+the base op, whatever the number of adapters. The grouping is computed once per model call on the
 host, from the adapter_names list itself (no device sync)."""
 import operator
 import weakref
@@ -74,12 +75,13 @@ def _marks(params) -> tuple:
 
 
 def _stack(layer, dtype: torch.dtype, device: torch.device):
-    """(slot of each adapter, A [N, r_max, in], B [N, out, r_max], scaling [N], picks) for all of the layer's
-    adapters, cached on the layer. LoRALayer drops the cache when an adapter is added or deleted; each call checks
+    """(slot of each adapter, A [N, r_max, in], s·B [N, out, r_max] (scaling folded in), picks) for all the
+    layer's adapters, cached on the layer. LoRALayer drops the cache when an adapter is added or deleted; each call checks
     that no adapter weight was written in place or swapped since (`_marks`)."""
     names = tuple(layer.lora_A.keys())
+    key = (names, tuple(layer.scaling[n] for n in names), dtype, device)
     cache = layer._stack_cache
-    if cache is not None and cache[0] == (names, dtype, device):
+    if cache is not None and cache[0] == key:
         params, marks, value = cache[1], cache[2], cache[3]
         if _marks(params) == marks:
             return value
@@ -91,10 +93,9 @@ def _stack(layer, dtype: torch.dtype, device: torch.device):
         for i, n in enumerate(names):  # once per change of the weights, not per forward
             r = layer.r[n]
             A[i, :r] = layer.lora_A[n].weight
-            B[i, :, :r] = layer.lora_B[n].weight
-    scaling = torch.tensor([layer.scaling[n] for n in names], device=device, dtype=dtype)
-    value = ({n: i for i, n in enumerate(names)}, A, B, scaling, {})
-    layer._stack_cache = ((names, dtype, device), params, _marks(params), value)
+            B[i, :, :r] = layer.lora_B[n].weight.float() * layer.scaling[n]
+    value = ({n: i for i, n in enumerate(names)}, A, B, {})
+    layer._stack_cache = (key, params, _marks(params), value)
     return value
 
 
@@ -111,9 +112,9 @@ def mixed_forward(layer, x: torch.Tensor, groups: RowGroups) -> torch.Tensor:
     if x.shape[0] != len(groups.names):
         raise ValueError(f"adapter_names has {len(groups.names)} entries but the input has {x.shape[0]} rows: "
                          "one adapter name per row")
-    result = layer.base_layer(x)
+    result = layer.base_layer(x).contiguous()
     dtype = compute_dtype(layer, x)
-    slot, A, B, scaling, picks = _stack(layer, dtype, x.device)
+    slot, A, B, picks = _stack(layer, dtype, x.device)
     present = groups.present(tuple(slot))  # in stack order: when all are present, the stack is used as is
     if not present:
         return result
@@ -121,18 +122,18 @@ def mixed_forward(layer, x: torch.Tensor, groups: RowGroups) -> torch.Tensor:
         if present not in picks:  # the present adapters' slots, as a device tensor, cached with the stack
             picks[present] = torch.tensor([slot[n] for n in present], device=x.device)
         pick = picks[present]
-        A, B, scaling = A.index_select(0, pick), B.index_select(0, pick), scaling.index_select(0, pick)
+        A, B = A.index_select(0, pick), B.index_select(0, pick)
     gather, real, rows, width = groups.plan(present, x.device)
     n_rows, U = x.shape[0], len(present)
     xt = x.reshape(n_rows, -1, layer.in_features)  # [rows, tokens, in]
     tokens = xt.shape[1]
     xg = xt.index_select(0, gather).to(dtype).reshape(U, width * tokens, layer.in_features)
-    h = torch.bmm(xg, A.transpose(1, 2)) * scaling.view(U, 1, 1)
-    y = torch.bmm(h, B.transpose(1, 2)).reshape(U * width, tokens, layer.out_features)
+    y = torch.bmm(torch.bmm(xg, A.transpose(1, 2)), B.transpose(1, 2)).reshape(U * width, tokens, layer.out_features)
     if real is not None:
         y = y.index_select(0, real)
-    out = result.reshape(n_rows, tokens, layer.out_features).index_add(0, rows, y.to(result.dtype))
-    return out.reshape(result.shape)
+    # in place: the base op's fresh output, which its backward does not keep
+    result.view(n_rows, tokens, layer.out_features).index_add_(0, rows, y.to(result.dtype))
+    return result
 
 
 def loop_forward(layer, x: torch.Tensor, adapter_names: Sequence[str]) -> torch.Tensor:

@@ -46,7 +46,7 @@ def test_blocksize_type():
 
 def test_matmul_shape_mismatch():
     layer = nf4q.Linear4bit(64, 32)
-    with pytest.raises(RuntimeError, match="last dim must be 64"):
+    with pytest.raises(ValueError, match="last dim must be 64"):
         layer(torch.randn(3, 65))
 
 
@@ -54,7 +54,18 @@ def test_op_rejects_wrong_absmax_size():
     qw = nf4q.quantize(torch.randn(64, 64), double_quant=False)
     args = list(qw.op_args())
     args[1] = args[1][:-1].contiguous()
-    with pytest.raises(RuntimeError, match="absmax"):
+    with pytest.raises(ValueError, match="absmax"):
+        torch.ops.nf4q.dequantize_4bit(*args, torch.float32)
+
+
+@pytest.mark.parametrize("i,bad,exc", [(0, torch.zeros(2048, dtype=torch.int8), TypeError),
+                                       (1, torch.ones(64, dtype=torch.float16), TypeError),
+                                       (5, torch.ones(16, dtype=torch.float64), TypeError),
+                                       (6, 48, ValueError), (8, [64, -64], ValueError)])
+def test_op_argument_errors_are_value_or_type_errors(i, bad, exc):
+    args = list(nf4q.quantize(torch.randn(64, 64), double_quant=False).op_args())
+    args[i] = bad
+    with pytest.raises(exc):
         torch.ops.nf4q.dequantize_4bit(*args, torch.float32)
 
 

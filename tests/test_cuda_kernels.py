@@ -165,13 +165,13 @@ def test_gemm_4bit_dx_vs_reference(M, dtype):
 
 def test_bad_inputs_raise():
     qw = quantized(64, 128)
-    with pytest.raises(RuntimeError, match="last dim"):
+    with pytest.raises(ValueError, match="last dim"):  # argument errors: ValueError/TypeError (csrc/checks.h)
         ops.gemm_4bit(torch.randn(3, 100, device="cuda"), *qw.op_args(), None)
-    with pytest.raises(RuntimeError, match="one device"):
+    with pytest.raises(ValueError, match="one device"):
         ops.gemm_4bit(torch.randn(3, 128), *qw.op_args(), None)
-    with pytest.raises(RuntimeError, match="bias"):
+    with pytest.raises(ValueError, match="bias"):
         ops.gemm_4bit(torch.randn(3, 128, device="cuda"), *qw.op_args(), torch.randn(5, device="cuda"))
-    with pytest.raises(RuntimeError, match="blocksize"):
+    with pytest.raises(ValueError, match="blocksize"):
         ops.quantize_4bit(torch.randn(100, device="cuda"), nf4q.nf4_code("cuda"), 48)
 
 

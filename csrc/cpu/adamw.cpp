@@ -8,6 +8,7 @@
 #include <algorithm>
 #include <vector>
 
+#include "../checks.h"
 #include "../common/adamw.h"
 
 namespace nf4q::cpu {
@@ -26,29 +27,8 @@ struct Slot {
   int64_t n;
 };
 
-void check_lists(at::TensorList params, at::TensorList grads, at::TensorList ms, at::TensorList vs) {
-  TORCH_CHECK_VALUE(grads.size() == params.size() && ms.size() == params.size() && vs.size() == params.size(),
-                    "nf4q: params, grads, exp_avgs and exp_avg_sqs must have the same length");
-  for (size_t i = 0; i < params.size(); ++i) {
-    const auto& p = params[i];
-    TORCH_CHECK_TYPE(p.scalar_type() == params[0].scalar_type(), "nf4q: params must share one dtype");
-    TORCH_CHECK_TYPE(p.scalar_type() == at::kFloat || p.scalar_type() == at::kHalf || p.scalar_type() == at::kBFloat16,
-                     "nf4q: params must be fp32, fp16 or bf16, got ", p.scalar_type());
-    TORCH_CHECK_VALUE(p.device().is_cpu() && p.is_contiguous(), "nf4q: params[", i, "] must be a contiguous CPU tensor");
-    TORCH_CHECK_VALUE(grads[i].device().is_cpu() && grads[i].is_contiguous() && grads[i].numel() == p.numel() &&
-                          grads[i].scalar_type() == p.scalar_type(),
-                      "nf4q: grads[", i, "] must be a contiguous CPU tensor like params[", i, "]");
-    TORCH_CHECK_VALUE(ms[i].is_contiguous() && ms[i].numel() == p.numel() && ms[i].device().is_cpu() &&
-                          vs[i].is_contiguous() && vs[i].numel() == p.numel() && vs[i].device().is_cpu(),
-                      "nf4q: exp_avgs[", i, "] and exp_avg_sqs[", i, "] must be contiguous CPU tensors of ",
-                      p.numel(), " elements");
-  }
-}
-
-std::vector<float> tree_of(const at::Tensor& code, const char* name) {
-  TORCH_CHECK_VALUE(code.device().is_cpu() && code.scalar_type() == at::kFloat && code.numel() == kCodes8,
-                    "nf4q: ", name, " must be a CPU fp32 table of 256 values");
-  const auto c = code.contiguous();
+// Midpoint tree of a table (check_adamw has checked it: flat, contiguous, sorted, on the CPU).
+std::vector<float> tree_of(const at::Tensor& c) {
   std::vector<float> tree(kCodes8, 0.f);
   for (int i = 1; i < kCodes8; ++i) tree[i] = adamw::tree_node(c.data_ptr<float>(), i);
   return tree;
@@ -81,12 +61,12 @@ void update_unit(T* p_, const T* g_, float* m, float* v, int64_t len, const Hype
 
 void adamw_step(at::TensorList params, at::TensorList grads, at::TensorList ms, at::TensorList vs, double lr,
                 double beta1, double beta2, double eps, double weight_decay, int64_t step) {
+  check_adamw_hparams(lr, beta1, beta2, eps, weight_decay, step);
+  check_adamw(params, grads, ms, vs, at::kFloat);
   if (params.empty()) return;
-  check_lists(params, grads, ms, vs);
+  TORCH_CHECK_VALUE(params[0].device().is_cpu(), "nf4q: adamw_step: the CPU kernel got ", params[0].device());
   std::vector<Slot> slots;
   for (size_t i = 0; i < params.size(); ++i) {
-    TORCH_CHECK_TYPE(ms[i].scalar_type() == at::kFloat && vs[i].scalar_type() == at::kFloat,
-                     "nf4q: adamw_step needs fp32 exp_avgs/exp_avg_sqs");
     slots.push_back({params[i].data_ptr(), grads[i].data_ptr(), ms[i].data_ptr(), vs[i].data_ptr(), nullptr,
                      nullptr, params[i].numel()});
   }
@@ -102,22 +82,16 @@ void adamw_step(at::TensorList params, at::TensorList grads, at::TensorList ms, 
 void adamw8bit_step(at::TensorList params, at::TensorList grads, at::TensorList ms, at::TensorList vs,
                     at::TensorList absmax1, at::TensorList absmax2, const at::Tensor& code1, const at::Tensor& code2,
                     double lr, double beta1, double beta2, double eps, double weight_decay, int64_t step) {
+  check_adamw_hparams(lr, beta1, beta2, eps, weight_decay, step);
   if (params.empty()) return;
-  check_lists(params, grads, ms, vs);
-  TORCH_CHECK_VALUE(absmax1.size() == params.size() && absmax2.size() == params.size(),
-                    "nf4q: absmax1 and absmax2 must have one tensor per param");
+  check_adamw(params, grads, ms, vs, at::kByte, &absmax1, &absmax2, &code1, &code2);
+  TORCH_CHECK_VALUE(params[0].device().is_cpu(), "nf4q: adamw8bit_step: the CPU kernel got ", params[0].device());
   std::vector<Slot> slots;
   for (size_t i = 0; i < params.size(); ++i) {
-    TORCH_CHECK_TYPE(ms[i].scalar_type() == at::kByte && vs[i].scalar_type() == at::kByte,
-                     "nf4q: adamw8bit_step needs uint8 exp_avgs/exp_avg_sqs");
-    const int64_t blocks = ceil_div(params[i].numel(), kQBlock);
-    for (const auto& a : {absmax1[i], absmax2[i]})
-      TORCH_CHECK_VALUE(a.scalar_type() == at::kFloat && a.is_contiguous() && a.numel() == blocks && a.device().is_cpu(),
-                        "nf4q: absmax1[", i, "]/absmax2[", i, "] must be contiguous CPU fp32 of ", blocks, " values");
     slots.push_back({params[i].data_ptr(), grads[i].data_ptr(), ms[i].data_ptr(), vs[i].data_ptr(),
                      absmax1[i].data_ptr<float>(), absmax2[i].data_ptr<float>(), params[i].numel()});
   }
-  const auto tree1 = tree_of(code1, "code1"), tree2 = tree_of(code2, "code2");
+  const auto tree1 = tree_of(code1), tree2 = tree_of(code2);
   const auto c1t = code1.contiguous(), c2t = code2.contiguous();
   const float *c1 = c1t.data_ptr<float>(), *c2 = c2t.data_ptr<float>();
   const Hyper h = adamw::make_hyper(lr, beta1, beta2, eps, weight_decay, step);

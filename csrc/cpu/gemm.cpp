@@ -37,7 +37,7 @@ at::Tensor gemm_4bit(const at::Tensor& x, NF4Q_W4_PARAMS, const c10::optional<at
   auto w = make_w4(NF4Q_W4_ARGS);
   const int64_t N = w.rows(), K = w.cols();
   check_matmul(x, w, K, "gemm_4bit");
-  if (bias) TORCH_CHECK(bias->numel() == N && bias->device() == x.device(), "nf4q: bias must have ", N, " values");
+  check_bias(bias, x, N, "gemm_4bit");
   const auto x2 = x.reshape({-1, K}).to(at::kFloat).contiguous();
   const int64_t M = x2.size(0);
   at::Tensor y;

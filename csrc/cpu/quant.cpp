@@ -14,11 +14,6 @@ namespace {
 
 constexpr int64_t kGrainBlocks = 64;
 
-void check_table(const at::Tensor& code, int64_t n, const char* name) {
-  TORCH_CHECK(code.device().is_cpu() && code.scalar_type() == at::kFloat && code.numel() == n,
-              "nf4q: ", name, " must be a CPU fp32 table of ", n, " values");
-}
-
 // One pass per block: convert, absmax (+ a NaN/Inf flag), scale, encode, pack. Kept out of the dispatch
 // macro because pragmas cannot stand inside macro arguments.
 template <typename scalar_t>
@@ -57,10 +52,7 @@ void quantize_blocks(const scalar_t* src, int64_t n, int64_t blocksize, const fl
 }
 
 std::tuple<at::Tensor, at::Tensor> quantize_4bit(const at::Tensor& A_in, const at::Tensor& code, int64_t blocksize) {
-  TORCH_CHECK(at::isFloatingType(A_in.scalar_type()), "nf4q: quantize_4bit needs a floating-point input");
-  TORCH_CHECK(blocksize >= 32 && blocksize <= 4096 && (blocksize & (blocksize - 1)) == 0,
-              "nf4q: blocksize must be a power of two in [32, 4096], got ", blocksize);
-  check_table(code, kCodes4, "code");
+  check_quantize(A_in, code, blocksize, 4);
   const auto A = A_in.contiguous();
   const int64_t n = A.numel();
   const int64_t blocks = ceil_div(n, blocksize);
@@ -76,9 +68,7 @@ std::tuple<at::Tensor, at::Tensor> quantize_4bit(const at::Tensor& A_in, const a
 
 std::tuple<at::Tensor, at::Tensor> quantize_blockwise_8bit(const at::Tensor& A_in, const at::Tensor& code,
                                                            int64_t blocksize) {
-  TORCH_CHECK(at::isFloatingType(A_in.scalar_type()), "nf4q: quantize_blockwise_8bit needs a floating-point input");
-  TORCH_CHECK(blocksize > 0, "nf4q: blocksize must be positive");
-  check_table(code, kCodes8, "code");
+  check_quantize(A_in, code, blocksize, 8);
   const auto A = A_in.contiguous().to(at::kFloat);
   const int64_t n = A.numel();
   const int64_t blocks = ceil_div(n, blocksize);
@@ -103,10 +93,7 @@ std::tuple<at::Tensor, at::Tensor> quantize_blockwise_8bit(const at::Tensor& A_i
 
 at::Tensor dequantize_blockwise_8bit(const at::Tensor& q, const at::Tensor& absmax, const at::Tensor& code,
                                      int64_t blocksize, at::ScalarType dtype) {
-  TORCH_CHECK(q.scalar_type() == at::kByte && q.is_contiguous(), "nf4q: q must be contiguous uint8");
-  TORCH_CHECK(absmax.scalar_type() == at::kFloat && absmax.is_contiguous(), "nf4q: absmax must be contiguous fp32");
-  TORCH_CHECK(blocksize > 0 && absmax.numel() == ceil_div(q.numel(), blocksize), "nf4q: absmax size mismatch");
-  check_table(code, kCodes8, "code");
+  check_dequantize8(q, absmax, code, blocksize, dtype);
   auto out = at::empty({q.numel()}, q.options().dtype(dtype));
   const uint8_t* src = q.data_ptr<uint8_t>();
   const float* am = absmax.data_ptr<float>();
@@ -124,6 +111,7 @@ at::Tensor dequantize_blockwise_8bit(const at::Tensor& q, const at::Tensor& absm
 
 at::Tensor dequantize_4bit(NF4Q_W4_PARAMS, at::ScalarType dtype) {
   auto w = make_w4(NF4Q_W4_ARGS);
+  check_io_dtype(dtype, "dequantize_4bit", "dtype");
   auto out = at::empty(w.shape, packed.options().dtype(dtype));
   dequantize_into(w, out);
   return out;
@@ -131,8 +119,7 @@ at::Tensor dequantize_4bit(NF4Q_W4_PARAMS, at::ScalarType dtype) {
 
 void dequantize_4bit_out(NF4Q_W4_PARAMS, at::ScalarType dtype, at::Tensor& out) {
   auto w = make_w4(NF4Q_W4_ARGS);
-  TORCH_CHECK(out.scalar_type() == dtype && out.is_contiguous() && out.numel() == w.numel && out.device().is_cpu(),
-              "nf4q: out must be a contiguous CPU tensor of ", w.numel, " elements and dtype ", dtype);
+  check_out(out, dtype, w.numel, packed.device());
   dequantize_into(w, out);
 }
 

@@ -14,6 +14,7 @@
 #include <algorithm>
 #include <vector>
 
+#include "../checks.h"
 #include "../common/adamw.h"
 
 namespace nf4q::cuda {
@@ -201,28 +202,6 @@ int64_t resident_blocks_8bit() {
 
 bool aligned(const void* p, int bytes) { return reinterpret_cast<uintptr_t>(p) % bytes == 0; }
 
-void check_lists(at::TensorList params, at::TensorList grads, at::TensorList ms, at::TensorList vs,
-                 at::ScalarType state_dtype) {
-  TORCH_CHECK_VALUE(grads.size() == params.size() && ms.size() == params.size() && vs.size() == params.size(),
-                    "nf4q: params, grads, exp_avgs and exp_avg_sqs must have the same length");
-  const auto device = params[0].device();
-  const auto dtype = params[0].scalar_type();
-  TORCH_CHECK_TYPE(dtype == at::kFloat || dtype == at::kHalf || dtype == at::kBFloat16,
-                   "nf4q: params must be fp32, fp16 or bf16, got ", dtype);
-  for (size_t i = 0; i < params.size(); ++i) {
-    const auto n = params[i].numel();
-    TORCH_CHECK_TYPE(params[i].scalar_type() == dtype && grads[i].scalar_type() == dtype,
-                     "nf4q: params and grads must share one dtype (", dtype, "), not at index ", i);
-    TORCH_CHECK_TYPE(ms[i].scalar_type() == state_dtype && vs[i].scalar_type() == state_dtype,
-                     "nf4q: exp_avgs[", i, "]/exp_avg_sqs[", i, "] must be ", state_dtype);
-    for (const auto* t : {&params[i], &grads[i], &ms[i], &vs[i]}) {
-      TORCH_CHECK_VALUE(t->device() == device && t->is_contiguous() && t->numel() == n,
-                        "nf4q: params[", i, "], grads, exp_avgs and exp_avg_sqs must be contiguous tensors of ", n,
-                        " elements on ", device);
-    }
-  }
-}
-
 void launch(at::TensorList params, at::TensorList grads, at::TensorList ms, at::TensorList vs,
             const at::Tensor* absmax1, const at::Tensor* absmax2, int bits, const at::Tensor& code1,
             const at::Tensor& code2, const Hyper& h) {
@@ -277,8 +256,9 @@ void launch(at::TensorList params, at::TensorList grads, at::TensorList ms, at::
 
 void adamw_step(at::TensorList params, at::TensorList grads, at::TensorList ms, at::TensorList vs, double lr,
                 double beta1, double beta2, double eps, double weight_decay, int64_t step) {
+  check_adamw_hparams(lr, beta1, beta2, eps, weight_decay, step);
+  check_adamw(params, grads, ms, vs, at::kFloat);
   if (params.empty()) return;
-  check_lists(params, grads, ms, vs, at::kFloat);
   const c10::cuda::CUDAGuard guard(params[0].device());
   const at::Tensor none;
   launch(params, grads, ms, vs, nullptr, nullptr, 32, none, none,
@@ -289,22 +269,9 @@ void adamw8bit_step(at::TensorList params, at::TensorList grads, at::TensorList 
                     at::TensorList absmax1, at::TensorList absmax2, const at::Tensor& code1, const at::Tensor& code2,
                     double lr, double beta1, double beta2, double eps, double weight_decay, int64_t step) {
   if (params.empty()) return;
-  check_lists(params, grads, ms, vs, at::kByte);
-  TORCH_CHECK_VALUE(absmax1.size() == params.size() && absmax2.size() == params.size(),
-                    "nf4q: absmax1 and absmax2 must have one tensor per param");
+  check_adamw_hparams(lr, beta1, beta2, eps, weight_decay, step);
+  check_adamw(params, grads, ms, vs, at::kByte, &absmax1, &absmax2, &code1, &code2);
   const auto device = params[0].device();
-  for (size_t i = 0; i < params.size(); ++i) {
-    const int64_t blocks = ceil_div(params[i].numel(), kQBlock);
-    for (const auto* a : {&absmax1[i], &absmax2[i]})
-      TORCH_CHECK_VALUE(a->scalar_type() == at::kFloat && a->is_contiguous() && a->numel() == blocks &&
-                            a->device() == device,
-                        "nf4q: absmax1[", i, "]/absmax2[", i, "] must be contiguous fp32 of ", blocks, " values on ",
-                        device);
-  }
-  for (const auto* c : {&code1, &code2})
-    TORCH_CHECK_VALUE(c->scalar_type() == at::kFloat && c->is_contiguous() && c->numel() == 256 &&
-                          c->device() == device,
-                      "nf4q: code1/code2 must be contiguous fp32 tables of 256 values on ", device);
   const c10::cuda::CUDAGuard guard(device);
   launch(params, grads, ms, vs, absmax1.data(), absmax2.data(), 8, code1, code2,
          adamw::make_hyper(lr, beta1, beta2, eps, weight_decay, step));

@@ -20,18 +20,12 @@ constexpr int64_t kFusedMaxM = 256;
 // 8192 x 28672 weight made the forward 1.16x bf16 at M = 4096 (bench_linear on the H200).
 constexpr int64_t kSlabBytes = 32 << 20, kSlabMinRows = 2048;
 
-void check_bias(const c10::optional<at::Tensor>& bias, const at::Tensor& x, int64_t N) {
-  if (!bias) return;
-  TORCH_CHECK(bias->numel() == N && bias->device() == x.device() && at::isFloatingType(bias->scalar_type()),
-              "nf4q: bias must be a floating-point tensor of ", N, " values on ", x.device());
-}
-
 at::Tensor gemm_4bit(const at::Tensor& x, NF4Q_W4_PARAMS, const c10::optional<at::Tensor>& bias) {
   const auto w = make_w4(NF4Q_W4_ARGS);
   const int64_t N = w.rows(), K = w.cols();
   check_matmul(x, w, K, "gemm_4bit");
-  TORCH_CHECK(x.is_cuda(), "nf4q: gemm_4bit: x must be a CUDA tensor");
-  check_bias(bias, x, N);
+  TORCH_CHECK_VALUE(x.is_cuda(), "nf4q: gemm_4bit: x must be a CUDA tensor");
+  check_bias(bias, x, N, "gemm_4bit");
   c10::cuda::CUDAGuard guard(x.device());
   const auto y = gemm_2d(x.reshape({-1, K}), w, bias);
   return y.to(x.scalar_type()).view(with_last(x, N));
@@ -41,7 +35,7 @@ at::Tensor gemm_4bit_dx(const at::Tensor& grad, NF4Q_W4_PARAMS) {
   const auto w = make_w4(NF4Q_W4_ARGS);
   const int64_t N = w.rows(), K = w.cols();
   check_matmul(grad, w, N, "gemm_4bit_dx");
-  TORCH_CHECK(grad.is_cuda(), "nf4q: gemm_4bit_dx: grad must be a CUDA tensor");
+  TORCH_CHECK_VALUE(grad.is_cuda(), "nf4q: gemm_4bit_dx: grad must be a CUDA tensor");
   c10::cuda::CUDAGuard guard(grad.device());
   const auto dt = compute_dtype(grad);
   const auto g2 = grad.reshape({-1, N}).to(dt);

@@ -179,16 +179,8 @@ __global__ void __launch_bounds__(kDqThreads, 4) dequant4_kernel(W4View w, int64
   }
 }
 
-void check_table(const at::Tensor& code, const at::Tensor& like, int64_t n, const char* name) {
-  TORCH_CHECK(code.is_cuda() && code.device() == like.device() && code.scalar_type() == at::kFloat &&
-                  code.numel() == n && code.is_contiguous(),
-              "nf4q: ", name, " must be a contiguous fp32 table of ", n, " values on ", like.device());
-}
-
 at::Tensor float_input(const at::Tensor& A, const char* what) {
-  TORCH_CHECK(A.is_cuda(), "nf4q: ", what, ": input must be a CUDA tensor");
-  TORCH_CHECK(at::isFloatingType(A.scalar_type()), "nf4q: ", what, ": input must be floating point, got ",
-              A.scalar_type());
+  TORCH_CHECK_VALUE(A.is_cuda(), "nf4q: ", what, ": input must be a CUDA tensor");
   // double goes through fp32, exactly as the CPU kernel's static_cast<float> does per element
   return (A.scalar_type() == at::kDouble ? A.to(at::kFloat) : A).contiguous();
 }
@@ -200,10 +192,8 @@ unsigned grid_for(int64_t items, int64_t per_block) {
 }
 
 std::tuple<at::Tensor, at::Tensor> quantize_4bit(const at::Tensor& A_in, const at::Tensor& code, int64_t blocksize) {
-  TORCH_CHECK(blocksize >= 32 && blocksize <= 4096 && (blocksize & (blocksize - 1)) == 0,
-              "nf4q: blocksize must be a power of two in [32, 4096], got ", blocksize);
+  check_quantize(A_in, code, blocksize, 4);
   const auto A = float_input(A_in, "quantize_4bit");
-  check_table(code, A, kCodes4, "code");
   c10::cuda::CUDAGuard guard(A.device());
   const int64_t n = A.numel(), blocks = ceil_div(n, blocksize);
   auto packed = at::empty({(n + 1) / 2, 1}, A.options().dtype(at::kByte));
@@ -222,9 +212,8 @@ std::tuple<at::Tensor, at::Tensor> quantize_4bit(const at::Tensor& A_in, const a
 
 std::tuple<at::Tensor, at::Tensor> quantize_blockwise_8bit(const at::Tensor& A_in, const at::Tensor& code,
                                                            int64_t blocksize) {
-  TORCH_CHECK(blocksize > 0, "nf4q: blocksize must be positive, got ", blocksize);
+  check_quantize(A_in, code, blocksize, 8);
   const auto A = float_input(A_in, "quantize_blockwise_8bit");
-  check_table(code, A, kCodes8, "code");
   c10::cuda::CUDAGuard guard(A.device());
   const int64_t n = A.numel(), blocks = ceil_div(n, blocksize);
   auto q = at::empty({n}, A.options().dtype(at::kByte));
@@ -243,14 +232,7 @@ std::tuple<at::Tensor, at::Tensor> quantize_blockwise_8bit(const at::Tensor& A_i
 
 at::Tensor dequantize_blockwise_8bit(const at::Tensor& q, const at::Tensor& absmax, const at::Tensor& code,
                                      int64_t blocksize, at::ScalarType dtype) {
-  TORCH_CHECK(q.is_cuda() && q.scalar_type() == at::kByte && q.is_contiguous(),
-              "nf4q: q must be a contiguous CUDA uint8 tensor");
-  TORCH_CHECK(absmax.device() == q.device() && absmax.scalar_type() == at::kFloat && absmax.is_contiguous(),
-              "nf4q: absmax must be contiguous fp32 on q's device");
-  TORCH_CHECK(blocksize > 0 && absmax.numel() == ceil_div(q.numel(), blocksize), "nf4q: absmax must hold ",
-              blocksize > 0 ? ceil_div(q.numel(), blocksize) : 0, " values, got ", absmax.numel());
-  check_table(code, q, kCodes8, "code");
-  TORCH_CHECK(at::isFloatingType(dtype), "nf4q: dtype must be floating point, got ", dtype);
+  check_dequantize8(q, absmax, code, blocksize, dtype);
   c10::cuda::CUDAGuard guard(q.device());
   const auto kdtype = dtype == at::kDouble ? at::kFloat : dtype;
   auto out = at::empty({q.numel()}, q.options().dtype(kdtype));
@@ -276,10 +258,7 @@ at::Tensor dequantize_4bit(NF4Q_W4_PARAMS, at::ScalarType dtype) {
 
 void dequantize_4bit_out(NF4Q_W4_PARAMS, at::ScalarType dtype, at::Tensor& out) {
   const auto w = make_w4(NF4Q_W4_ARGS);
-  TORCH_CHECK(out.is_cuda() && out.device() == packed.device() && out.scalar_type() == dtype &&
-                  out.is_contiguous() && out.numel() == w.numel,
-              "nf4q: out must be a contiguous tensor on ", packed.device(), " with ", w.numel,
-              " elements and dtype ", dtype);
+  check_out(out, dtype, w.numel, packed.device());
   if (dtype == at::kDouble) {
     out.copy_(dequant4_full(w, at::kFloat).view(out.sizes()));
   } else {
@@ -314,7 +293,7 @@ void dequant4_rect(const W4& w, int64_t row_len, int64_t row0, int64_t nrows, in
 }
 
 at::Tensor dequant4_full(const W4& w, at::ScalarType dtype) {
-  TORCH_CHECK(at::isFloatingType(dtype), "nf4q: dtype must be floating point, got ", dtype);
+  check_io_dtype(dtype, "dequantize_4bit", "dtype");
   const auto kdtype = dtype == at::kDouble ? at::kFloat : dtype;
   auto out = at::empty(w.shape, w.packed.options().dtype(kdtype));
   dequant4_rect(w, std::max<int64_t>(w.numel, 1), 0, 1, 0, w.numel, out, w.numel);

@@ -19,6 +19,11 @@ from .paging import PageManager
 
 MIN_8BIT_NUMEL = 4096  # smaller tensors keep 32-bit states (their absmax overhead and error are not worth it)
 _KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+# 8-bit states are saved under keys of their own (bitsandbytes' names), never under torch AdamW's exp_avg /
+# exp_avg_sq: torch.optim.AdamW would cast the uint8 codes to floats and step with them. Loading such a file
+# into torch's AdamW leaves the parameters alone and fails at its first step (KeyError 'exp_avg').
+_SAVED_8BIT = {"exp_avg": "state1", "exp_avg_sq": "state2", "exp_avg_absmax": "absmax1", "exp_avg_sq_absmax": "absmax2"}
+_LOADED_8BIT = {v: k for k, v in _SAVED_8BIT.items()}
 _warned = set()
 
 
@@ -204,10 +209,21 @@ class AdamW(torch.optim.Optimizer):
 
     # ---- checkpoints --------------------------------------------------------------------------------
 
+    def state_dict(self):
+        """torch's layout; 32-bit states under torch AdamW's keys (exp_avg, exp_avg_sq), 8-bit ones under
+        state1/state2 (uint8 codes) and absmax1/absmax2 (fp32 per 256 elements)."""
+        sd = super().state_dict()
+        sd["state"] = {pid: ({_SAVED_8BIT.get(k, k): v for k, v in st.items()} if "exp_avg_absmax" in st else st)
+                       for pid, st in sd["state"].items()}
+        return sd
+
     def load_state_dict(self, state_dict):
         """Loads hyperparameters and states; states are copied into this optimizer's own storage (managed
         memory when paged) keeping their dtype (8-bit codes stay uint8, fp32 moments stay fp32), and are
-        converted between 8 and 32 bits when the checkpoint's width differs from this optimizer's."""
+        converted between 8 and 32 bits when the checkpoint's width differs from this optimizer's. Reads both
+        the current 8-bit keys (state1, ...) and the exp_avg/exp_avg_absmax keys of older files."""
+        if not isinstance(state_dict, dict) or not {"param_groups", "state"} <= set(state_dict):
+            raise ValueError("state_dict must be an optimizer state dict with 'state' and 'param_groups'")
         saved_groups, saved_state = state_dict["param_groups"], state_dict["state"]
         super().load_state_dict({**state_dict, "state": {}})  # groups and hyperparameters only, no casts
         for pager in self._pagers.values():
@@ -220,6 +236,19 @@ class AdamW(torch.optim.Optimizer):
 
     @torch.no_grad()
     def _import_state(self, p, saved):
+        if "state1" in saved:
+            saved = {_LOADED_8BIT.get(k, k): v for k, v in saved.items()}
+        eight = "exp_avg_absmax" in saved
+        need = ("exp_avg", "exp_avg_sq") + (("exp_avg_absmax", "exp_avg_sq_absmax") if eight else ())
+        blocks = -(-p.numel() // R.QBLOCK)
+        for key in need:
+            t = saved.get(key)
+            want = blocks if key.endswith("absmax") else p.numel()
+            if not isinstance(t, torch.Tensor) or t.numel() != want:
+                raise ValueError(f"optimizer state for a parameter of shape {tuple(p.shape)}: {key!r} must be a "
+                                 f"tensor of {want} elements, got {t if t is None else tuple(getattr(t, 'shape', ()))}")
+            if eight and (t.dtype == torch.uint8) != (key in ("exp_avg", "exp_avg_sq")):
+                raise ValueError(f"optimizer state: 8-bit {key!r} has dtype {t.dtype}")
         state = self._new_state(p)
         step = saved.get("step", 0)
         state["step"] = int(step.item() if isinstance(step, torch.Tensor) else step)

@@ -1,0 +1,163 @@
+"""Does a C++ compiler build torch extensions whose errors raise, or crash? (issue 17)
+
+An extension's TORCH_CHECK throws a c10::Error inside our .so that torch's own code (built by another compiler)
+catches and turns into a Python RuntimeError. When the compiler brings its own unwinder / C++ runtime (a
+wrapper that links libgcc or libstdc++ statically, or points RPATH at its own newer copies), the throw and the
+catch run on two different runtimes and the process dies with SIGSEGV instead.
+
+    python scripts/compiler_probe.py [CXX ...]   # default: $CXX (or c++) and /usr/bin/g++; prints a report
+setup.py loads this file by path and calls choose_compiler() before building.
+"""
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+
+PROBE = r"""
+#include <Python.h>
+#include <torch/library.h>
+extern "C" PyObject* PyInit_nf4q_probe(void) {
+  static struct PyModuleDef d = {PyModuleDef_HEAD_INIT, "nf4q_probe", nullptr, -1, nullptr};
+  return PyModule_Create(&d);
+}
+static at::Tensor fail(const at::Tensor& x) {
+  TORCH_CHECK(x.dim() == 99, "nf4q probe: the expected error");
+  return x;
+}
+TORCH_LIBRARY(nf4q_probe, m) { m.def("fail(Tensor x) -> Tensor", &fail); }
+"""
+
+# Run in a child: build the probe with $CXX and call the op; exit 0 when it raised RuntimeError.
+CHILD = r"""
+import os, sys, torch
+from torch.utils import cpp_extension
+build = sys.argv[1]
+cpp_extension.load("nf4q_probe", [os.path.join(build, "probe.cpp")], build_directory=build,
+                   extra_ldflags=sys.argv[2:], verbose=False)
+try:
+    torch.ops.nf4q_probe.fail(torch.zeros(1))
+except RuntimeError as e:
+    sys.exit(0 if "expected error" in str(e) else 3)
+sys.exit(4)
+"""
+
+
+def runtime_libs(cxx):
+    """The libstdc++ / libgcc_s a compiler links against (-print-file-name), resolved."""
+    out = {}
+    for lib in ("libstdc++.so.6", "libgcc_s.so.1"):
+        try:
+            p = subprocess.run([cxx, f"-print-file-name={lib}"], capture_output=True, text=True, timeout=30).stdout.strip()
+        except (OSError, subprocess.SubprocessError):
+            p = ""
+        out[lib] = os.path.realpath(p) if os.path.isabs(p) else None
+    return out
+
+
+def loaded_libs():
+    """The libstdc++ / libgcc_s this process (with torch imported) has mapped."""
+    import torch  # noqa: F401
+
+    out = {"libstdc++.so.6": None, "libgcc_s.so.1": None}
+    try:
+        with open("/proc/self/maps") as f:
+            for line in f:
+                path = line.split()[-1]
+                for lib in out:
+                    if os.path.basename(path).startswith(lib.split(".so")[0] + ".so"):
+                        out[lib] = os.path.realpath(path)
+    except OSError:
+        pass
+    return out
+
+
+def probe(cxx, extra_ldflags=(), keep=None):
+    """Build and call the probe with `cxx`: (status, details). status: "raises", "crash (signal N)",
+    "build failed", or "wrong error"."""
+    build = keep or tempfile.mkdtemp(prefix="nf4q-probe-")
+    with open(os.path.join(build, "probe.cpp"), "w") as f:
+        f.write(PROBE)
+    env = dict(os.environ, CXX=cxx)
+    r = subprocess.run([sys.executable, "-c", CHILD, build, *extra_ldflags], env=env, capture_output=True, text=True,
+                       timeout=900)
+    so = os.path.join(build, "nf4q_probe.so")
+    details = {"returncode": r.returncode, "stderr_tail": r.stderr[-1500:]}
+    if os.path.exists(so):
+        for tool in (["ldd", so], ["readelf", "-d", so]):
+            if shutil.which(tool[0]):
+                out = subprocess.run(tool, capture_output=True, text=True).stdout
+                details[tool[0]] = [ln.strip() for ln in out.splitlines()
+                                    if tool[0] == "ldd" or "NEEDED" in ln or "PATH" in ln]
+    if keep is None:
+        shutil.rmtree(build, ignore_errors=True)
+    if r.returncode == 0:
+        return "raises", details
+    if r.returncode < 0:
+        return f"crash (signal {-r.returncode})", details
+    return ("build failed" if not os.path.exists(so) else "wrong error"), details
+
+
+def choose_compiler(cache_dir):
+    """The CXX setup.py should build with. Probes $CXX only when it is not the system compiler and its runtime
+    libraries differ from the ones torch loaded; if the probe crashes, falls back to /usr/bin/g++ when that one
+    raises properly, else stops the build with what to do. NF4Q_SKIP_CXX_CHECK=1 skips all of it."""
+    cxx = os.environ.get("CXX", "c++")
+    path = shutil.which(cxx.split()[0]) or cxx
+    if os.environ.get("NF4Q_SKIP_CXX_CHECK") == "1" or os.path.realpath(path).startswith("/usr/bin/"):
+        return cxx
+    mine, loaded = runtime_libs(cxx), loaded_libs()
+    if all(mine[k] is None or loaded[k] is None or mine[k] == loaded[k] for k in mine):
+        return cxx
+    version = subprocess.run([cxx, "--version"], capture_output=True, text=True).stdout.splitlines()[:1]
+    import torch
+
+    key = json.dumps([os.path.realpath(path), version, torch.__version__, os.environ.get("LDFLAGS", "")])
+    cache = os.path.join(cache_dir, "compiler_probe.json")
+    try:
+        with open(cache) as f:
+            known = json.load(f)
+    except (OSError, ValueError):
+        known = {}
+    if key not in known:
+        print(f"nf4q: CXX={cxx} links {mine}, torch runs on {loaded}: checking that its errors raise ...",
+              file=sys.stderr)
+        known[key] = probe(cxx)[0]
+        os.makedirs(cache_dir, exist_ok=True)
+        with open(cache, "w") as f:
+            json.dump(known, f)
+    if known[key] == "raises":
+        return cxx
+    fallback = "/usr/bin/g++"
+    if os.path.exists(fallback) and probe(fallback)[0] == "raises":
+        print(f"nf4q: WARNING: an extension built with CXX={cxx} turns every error into a crash ({known[key]}); "
+              f"building with {fallback} instead (set NF4Q_SKIP_CXX_CHECK=1 to force CXX)", file=sys.stderr)
+        return fallback
+    raise RuntimeError(f"nf4q: an extension built with CXX={cxx} turns every error into a crash ({known[key]}), and "
+                       f"no working fallback compiler was found: set CXX to the compiler torch was built with "
+                       f"(the distribution's g++), or NF4Q_SKIP_CXX_CHECK=1 to build anyway")
+
+
+def main(argv):
+    compilers = argv or [os.environ.get("CXX", "c++"), "/usr/bin/g++"]
+    print("torch process has loaded:", json.dumps(loaded_libs(), indent=1))
+    for cxx in compilers:
+        ver = subprocess.run([cxx, "--version"], capture_output=True, text=True).stdout.splitlines()[:1]
+        print(f"\n=== {cxx}: {ver}")
+        print("links against:", json.dumps(runtime_libs(cxx), indent=1))
+        variants = [()]
+        if not os.path.realpath(shutil.which(cxx) or cxx).startswith("/usr/bin/"):
+            variants.append(("-shared-libgcc",))  # if only this one raises: the wrapper links libgcc statically
+        for flags in variants:
+            status, details = probe(cxx, flags)
+            print(f"--- extra link flags {list(flags)}: {status}")
+            for k in ("ldd", "readelf"):
+                for ln in details.get(k, []):
+                    print(f"    {k}: {ln}")
+            if status != "raises":
+                print("    stderr:", details["stderr_tail"].replace("\n", "\n    "))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
