@@ -21,9 +21,18 @@ step() {  # name, seconds, command...: run with a time limit, log to $OUT/name.l
   local name=$1 limit=$2; shift 2
   timeout "$limit" "$@" > "$OUT/$name.log" 2>&1; echo "== $name: exit $? after $SECONDS s"; tail -n "${TAIL:-3}" "$OUT/$name.log"
 }
-step tests ${TEST_LIMIT:-240} python3 -m pytest -q -p no:cacheprovider tests/test_bad_input.py tests/test_cuda_kernels.py tests/test_cuda_fused.py tests/test_cuda_lora.py tests/test_optim_cuda.py tests/test_opcheck.py tests/test_qlora.py \
-  tests/test_linear.py
-TAIL=14 step memory_table 150 python3 -m benchmarks.memory_table --no-cpu
-TAIL=56 step bench_qlora ${QLORA_LIMIT:-400} python3 -m benchmarks.bench_qlora ${QLORA_ARGS:-}
-TAIL=8 step bench_dequant 40 python3 -m benchmarks.bench_dequant
-TAIL=40 step bench_linear ${LINEAR_LIMIT:-200} python3 -m benchmarks.bench_linear ${LINEAR_ARGS:-}
+# STAGES picks what runs after the build (default: all, in this order).
+STAGES=${STAGES:-"tests memory_table bench_qlora bench_dequant bench_linear bench_train"}
+for stage in $STAGES; do
+  case $stage in
+    tests) step tests ${TEST_LIMIT:-300} python3 -m pytest -q -p no:cacheprovider ${TESTS:-tests/test_bad_input.py \
+             tests/test_cuda_kernels.py tests/test_cuda_fused.py tests/test_cuda_lora.py tests/test_optim_cuda.py \
+             tests/test_opcheck.py tests/test_qlora.py tests/test_qlora_fused.py tests/test_qlora_compile.py \
+             tests/test_linear.py} ;;
+    memory_table) TAIL=14 step memory_table 150 python3 -m benchmarks.memory_table --no-cpu ;;
+    bench_qlora) TAIL=56 step bench_qlora ${QLORA_LIMIT:-400} python3 -m benchmarks.bench_qlora ${QLORA_ARGS:-} ;;
+    bench_dequant) TAIL=8 step bench_dequant 40 python3 -m benchmarks.bench_dequant ;;
+    bench_linear) TAIL=40 step bench_linear ${LINEAR_LIMIT:-200} python3 -m benchmarks.bench_linear ${LINEAR_ARGS:-} ;;
+    bench_train) TAIL=40 step bench_train ${TRAIN_LIMIT:-400} python3 -m benchmarks.bench_train ${TRAIN_ARGS:-} ;;
+  esac
+done

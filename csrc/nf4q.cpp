@@ -35,10 +35,21 @@ TORCH_LIBRARY(nf4q, m) {
   m.def("gemm_4bit_dx(Tensor grad, " W4 ") -> Tensor");
 
   // ---- fused dequant + LoRA ------------------------------------------------------------------------
-  // y = x @ dequant(W)^T + bias + scale * (x @ lora_A^T) @ lora_B^T
-  m.def("lora_gemm_4bit(Tensor x, " W4 ", Tensor? bias, Tensor lora_A, Tensor lora_B, float scale) -> Tensor");
-  // dx = grad @ dequant(W) + scale * (grad @ lora_B) @ lora_A
-  m.def("lora_gemm_4bit_dx(Tensor grad, " W4 ", Tensor lora_A, Tensor lora_B, float scale) -> Tensor");
+  // y = x @ dequant(W)^T + bias + scale * (drop(x) @ lora_A^T) @ lora_B^T, where drop is LoRA dropout: each
+  // element of x kept with probability 1 - dropout_p and scaled by 1 / (1 - dropout_p), the keep mask a pure
+  // function of (seed, element index) (csrc/common/dropout.h), so backward regenerates it instead of saving it.
+  // Its autograd (csrc/autograd.cpp) saves x, lora_A and lora_B only.
+  m.def("lora_gemm_4bit(Tensor x, " W4 ", Tensor? bias, Tensor lora_A, Tensor lora_B, float scale, "
+        "float dropout_p=0.0, int seed=0) -> Tensor");
+  // dx = grad @ dequant(W) + drop'(scale * (grad @ lora_B) @ lora_A)   (drop' = the same mask and scaling)
+  m.def("lora_gemm_4bit_dx(Tensor grad, " W4 ", Tensor lora_A, Tensor lora_B, float scale, "
+        "float dropout_p=0.0, int seed=0) -> Tensor");
+  // The whole backward of lora_gemm_4bit in one call: (dx, d lora_A, d lora_B), each computed only where
+  // output_mask says (undefined otherwise). dA = scale (grad B)^T drop(x), dB = scale grad^T (drop(x) A^T).
+  m.def("lora_gemm_4bit_backward(Tensor grad, Tensor x, " W4 ", Tensor lora_A, Tensor lora_B, float scale, "
+        "float dropout_p, int seed, bool[3] output_mask) -> (Tensor, Tensor, Tensor)");
+  // drop(x): x * keep / (1 - p) in x's dtype (computed in fp32, rounded once), the mask of lora_gemm_4bit.
+  m.def("lora_dropout(Tensor x, float p, int seed) -> Tensor");
 
   // ---- optimizers (schemas added by the optimizer work) ---------------------------------------------
   // Fused multi-tensor AdamW (decoupled weight decay) over lists of one param dtype; updates in place.

@@ -53,59 +53,33 @@ def _(grad, packed, absmax, nested_absmax, nested_code, nested_offset, code, blo
 
 @torch.library.register_fake("nf4q::lora_gemm_4bit")
 def _(x, packed, absmax, nested_absmax, nested_code, nested_offset, code, blocksize, nested_blocksize, shape,
-      bias, lora_A, lora_B, scale):
+      bias, lora_A, lora_B, scale, dropout_p=0.0, seed=0):
     return x.new_empty((*x.shape[:-1], shape[0]))
 
 
 @torch.library.register_fake("nf4q::lora_gemm_4bit_dx")
 def _(grad, packed, absmax, nested_absmax, nested_code, nested_offset, code, blocksize, nested_blocksize, shape,
-      lora_A, lora_B, scale):
+      lora_A, lora_B, scale, dropout_p=0.0, seed=0):
     return grad.new_empty((*grad.shape[:-1], shape[1]))
 
 
-# ---- autograd: gradients flow to x, bias and the LoRA factors; the NF4 weight is frozen -------------
-
-_W4_NONE = (None,) * 9  # no gradient for any member of the W4 group
-
-
-def _sum_to_bias(grad, bias):
-    return grad.reshape(-1, grad.shape[-1]).sum(0).to(bias.dtype) if bias is not None and bias.requires_grad else None
-
-
-def _gemm_setup(ctx, inputs, output):
-    x, *w4, bias = inputs
-    ctx.w4, ctx.bias = w4, bias
-    ctx.x_requires_grad = x.requires_grad
+@torch.library.register_fake("nf4q::lora_gemm_4bit_backward")
+def _(grad, x, packed, absmax, nested_absmax, nested_code, nested_offset, code, blocksize, nested_blocksize, shape,
+      lora_A, lora_B, scale, dropout_p, seed, output_mask):
+    none = grad.new_empty((0,))  # what the kernels return for a gradient output_mask did not ask for
+    dx = grad.new_empty((*grad.shape[:-1], shape[1])) if output_mask[0] else none
+    dA = lora_A.new_empty(lora_A.shape) if output_mask[1] else none.clone()
+    dB = lora_B.new_empty(lora_B.shape) if output_mask[2] else none.clone()
+    return dx, dA, dB
 
 
-def _gemm_backward(ctx, grad):
-    dx = ops.gemm_4bit_dx(grad, *ctx.w4) if ctx.x_requires_grad else None
-    return (dx, *_W4_NONE, _sum_to_bias(grad, ctx.bias))
+@torch.library.register_fake("nf4q::lora_dropout")
+def _(x, p, seed):
+    return torch.empty_like(x, memory_format=torch.contiguous_format)
 
 
-torch.library.register_autograd("nf4q::gemm_4bit", _gemm_backward, setup_context=_gemm_setup)
-
-
-def _lora_setup(ctx, inputs, output):
-    x, *w4, bias, lora_A, lora_B, scale = inputs
-    ctx.w4, ctx.bias, ctx.scale = w4, bias, scale
-    ctx.needs = (x.requires_grad, lora_A.requires_grad, lora_B.requires_grad)
-    ctx.save_for_backward(x, lora_A, lora_B)
-
-
-def _lora_backward(ctx, grad):
-    x, lora_A, lora_B = ctx.saved_tensors
-    s = ctx.scale
-    dx = ops.lora_gemm_4bit_dx(grad, *ctx.w4, lora_A, lora_B, s) if ctx.needs[0] else None
-    g2 = grad.reshape(-1, grad.shape[-1])
-    x2 = x.reshape(-1, x.shape[-1])
-    dA = (s * (g2 @ lora_B.to(g2.dtype)).t() @ x2).to(lora_A.dtype) if ctx.needs[1] else None
-    # s scales the thin [M, r] factor: `s * g2.t()` would allocate a scaled copy of the whole gradient
-    dB = (g2.t() @ (s * (x2 @ lora_A.to(x2.dtype).t()))).to(lora_B.dtype) if ctx.needs[2] else None
-    return (dx, *_W4_NONE, _sum_to_bias(grad, ctx.bias), dA, dB, None)
-
-
-torch.library.register_autograd("nf4q::lora_gemm_4bit", _lora_backward, setup_context=_lora_setup)
+# Autograd of gemm_4bit and lora_gemm_4bit is registered in C++ (csrc/autograd.cpp): one dispatcher call forward and
+# one backward node per layer call, with no Python in between.
 
 
 # ---- typed wrappers -------------------------------------------------------------------------------
@@ -130,7 +104,5 @@ def gemm_4bit(x: torch.Tensor, *w4, bias=None) -> torch.Tensor:
     return ops.gemm_4bit(x, *w4, bias)
 
 
-def lora_gemm_4bit(x, *w4, bias=None, lora_A, lora_B, scale: float) -> torch.Tensor:
-    return ops.lora_gemm_4bit(x, *w4, bias, lora_A, lora_B, float(scale))
-
-
+def lora_gemm_4bit(x, *w4, bias=None, lora_A, lora_B, scale: float, dropout_p: float = 0.0, seed: int = 0):
+    return ops.lora_gemm_4bit(x, *w4, bias, lora_A, lora_B, float(scale), float(dropout_p), int(seed))

@@ -73,9 +73,67 @@ def gemm_4bit_dx(grad, *w4):
     return grad.double() @ dequantize_4bit(*w4, torch.float64)
 
 
-def lora_gemm_4bit(x, *w4, bias=None, lora_A, lora_B, scale):
-    return gemm_4bit(x, *w4, bias=bias) + scale * (x.double() @ lora_A.double().t()) @ lora_B.double().t()
+_M64 = (1 << 64) - 1
 
 
-def lora_gemm_4bit_dx(grad, *w4, lora_A, lora_B, scale):
-    return gemm_4bit_dx(grad, *w4) + scale * (grad.double() @ lora_B.double()) @ lora_A.double()
+def _u64(v):
+    """A uint64 value as the int64 with the same bits (torch has no uint64 arithmetic; int64 wraps the same)."""
+    v &= _M64
+    return v - (1 << 64) if v >= 1 << 63 else v
+
+
+def _shr(z, k):
+    """Logical right shift of int64 bit patterns."""
+    return (z >> k) & ((1 << (64 - k)) - 1)
+
+
+def dropout_keep(seed, n, p, device=None):
+    """LoRA dropout's keep mask of n elements: element i kept when the upper 32 bits of SplitMix64's output i for
+    `seed` are >= round(p * 2^32) (csrc/common/dropout.h, bit for bit)."""
+    z = torch.arange(1, n + 1, dtype=torch.int64, device=device) * _u64(0x9E3779B97F4A7C15) + _u64(seed)
+    z = (z ^ _shr(z, 30)) * _u64(0xBF58476D1CE4E5B9)
+    z = (z ^ _shr(z, 27)) * _u64(0x94D049BB133111EB)
+    draw = _shr(z ^ _shr(z, 31), 32)
+    return draw >= min(max(int(p * 4294967296.0 + 0.5), 0), 1 << 32) if p > 0 else torch.ones(n, dtype=torch.bool,
+                                                                                              device=device)
+
+
+def lora_dropout(x, p, seed):
+    """x * keep / (1 - p) in fp32 (the mask over x's elements in row-major order), rounded once to x's dtype."""
+    keep = dropout_keep(seed, x.numel(), p, x.device).view(x.shape)
+    scale = torch.tensor(1.0 / (1.0 - p), dtype=torch.float32)
+    return torch.where(keep, x.float() * scale, torch.zeros((), dtype=torch.float32)).to(x.dtype)
+
+
+def _dropped64(x, p, seed):
+    x2 = x.reshape(-1, x.shape[-1])
+    if p == 0:
+        return x2.double()
+    keep = dropout_keep(seed, x2.numel(), p, x.device).view(x2.shape)
+    return torch.where(keep, x2.double() / (1.0 - p), torch.zeros((), dtype=torch.float64))
+
+
+def lora_gemm_4bit(x, *w4, bias=None, lora_A, lora_B, scale, dropout_p=0.0, seed=0):
+    """fp64 oracle of x @ W^T + bias + scale * (drop(x) @ A^T) @ B^T."""
+    lora = scale * (_dropped64(x, dropout_p, seed) @ lora_A.double().t()) @ lora_B.double().t()
+    return gemm_4bit(x, *w4, bias=bias) + lora.view(*x.shape[:-1], -1)
+
+
+def lora_gemm_4bit_dx(grad, *w4, lora_A, lora_B, scale, dropout_p=0.0, seed=0):
+    """fp64 oracle of grad @ W + drop'(scale * (grad @ B) @ A)."""
+    t = scale * (grad.double() @ lora_B.double()) @ lora_A.double()
+    if dropout_p > 0:
+        keep = dropout_keep(seed, t.numel(), dropout_p, t.device).view(t.shape)
+        t = torch.where(keep, t / (1.0 - dropout_p), torch.zeros((), dtype=torch.float64))
+    return gemm_4bit_dx(grad, *w4) + t
+
+
+def lora_gemm_4bit_backward(grad, x, *w4, lora_A, lora_B, scale, dropout_p=0.0, seed=0):
+    """fp64 oracle of (dx, d lora_A, d lora_B)."""
+    g2 = grad.reshape(-1, grad.shape[-1]).double()
+    xd = _dropped64(x, dropout_p, seed)
+    u = g2 @ lora_B.double()
+    dA = scale * u.t() @ xd
+    dB = scale * g2.t() @ (xd @ lora_A.double().t())
+    dx = lora_gemm_4bit_dx(grad, *w4, lora_A=lora_A, lora_B=lora_B, scale=scale, dropout_p=dropout_p, seed=seed)
+    return dx, dA, dB

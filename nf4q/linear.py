@@ -5,13 +5,19 @@ from typing import Iterable
 import torch
 from torch import nn
 
-from . import _ops
+from . import _ops  # noqa: F401  (the ops' fake kernels, for torch.compile)
 from .tensor import NF4Weight, quantize
 
 # NF4Weight tensor field -> parameter name on the module. They are frozen nn.Parameters (not buffers) so
 # that FSDP2 can shard them and `module.to(device)` moves them.
 _PARAMS = {"packed": "weight", "absmax": "weight_absmax", "code": "weight_code", "nested_absmax": "weight_nested_absmax",
            "nested_code": "weight_nested_code", "nested_offset": "weight_nested_offset"}
+
+
+def draw_dropout_seed() -> int:
+    """The seed of one fused LoRA-dropout mask, from torch's CPU generator (no GPU sync; reproducible under
+    torch.manual_seed, and restored by gradient checkpointing's RNG-state handling on recomputation)."""
+    return int(torch.randint(-(2 ** 63), 2 ** 63 - 1, (), dtype=torch.int64))
 
 
 class Linear4bit(nn.Module):
@@ -75,7 +81,29 @@ class Linear4bit(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         dtype = self.compute_dtype or x.dtype
         bias = self.bias.to(dtype) if self.bias is not None else None
-        return _ops.gemm_4bit(x.to(dtype), *self._w4(), bias=bias).to(x.dtype)
+        return torch.ops.nf4q.gemm_4bit(x.to(dtype), *self._w4(), bias).to(x.dtype)
+
+    def lora_forward(self, x: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float,
+                     dropout_p: float = 0.0) -> torch.Tensor:
+        """The fused QLoRA forward: x·Wᵀ + b + scaling·(dropout(x)·lora_Aᵀ)·lora_Bᵀ in one op call, with one
+        backward node (autograd in C++) that saves x, lora_A and lora_B only.
+
+        lora_A is [r, in_features], lora_B [out_features, r], in any float dtype (cast to the compute dtype inside
+        the op; their gradients come back in their own dtype). `dropout_p` > 0 applies LoRA dropout to the LoRA
+        branch only, as PEFT's lora_dropout does (pass 0 in eval mode); its mask is drawn from torch's CPU
+        generator, so `torch.manual_seed` makes it reproducible and gradient checkpointing recomputes the same one.
+        Under torch.compile with dropout the unfused form runs (base + F.dropout + two matmuls), which the
+        compiler fuses itself.
+        """
+        dtype = self.compute_dtype or x.dtype
+        bias = self.bias.to(dtype) if self.bias is not None else None
+        if dropout_p > 0 and torch.compiler.is_compiling():
+            h = torch.nn.functional.dropout(x, dropout_p, training=True).to(dtype)
+            lora = (h @ lora_A.to(dtype).t()) @ lora_B.to(dtype).t()
+            return (torch.ops.nf4q.gemm_4bit(x.to(dtype), *self._w4(), bias) + scaling * lora).to(x.dtype)
+        seed = draw_dropout_seed() if dropout_p > 0 else 0
+        return torch.ops.nf4q.lora_gemm_4bit(x.to(dtype), *self._w4(), bias, lora_A, lora_B, float(scaling),
+                                             float(dropout_p), seed).to(x.dtype)
 
     def extra_repr(self):
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "

@@ -5,7 +5,6 @@ import warnings
 from typing import Callable, Optional
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 import nf4q
@@ -43,28 +42,18 @@ def make_lora_pair(in_features: int, out_features: int, r: int, device=None, dty
     return lora_A, lora_B
 
 
-def _dropout_active(dropout: Optional[nn.Module]) -> bool:
-    return isinstance(dropout, nn.Dropout) and dropout.p > 0 and dropout.training
+def dropout_p(dropout: Optional[nn.Module]) -> float:
+    """The LoRA dropout probability in effect: PEFT's nn.Dropout in training mode, else 0."""
+    return float(dropout.p) if isinstance(dropout, nn.Dropout) and dropout.training else 0.0
 
 
 # ---- the forward on a Linear4bit base ------------------------------------------------------------------
 
 def lora_forward_4bit(base: nf4q.Linear4bit, x: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor,
                       scaling: float, dropout: Optional[nn.Module] = None) -> torch.Tensor:
-    """y = x·dequant(W)ᵀ + b + s·(dropout(x)·Aᵀ)·Bᵀ for a Linear4bit `base` and LoRA weights A [r, in], B [out, r].
-
-    Without active dropout this is one fused op (the packed W is all that backward needs besides x, A, B);
-    with dropout in training, the two paths see different inputs, so the LoRA term runs beside base(x).
-    """
-    if _dropout_active(dropout):
-        y = base(x)
-        h = dropout(x).to(lora_A.dtype)
-        return y + (scaling * F.linear(F.linear(h, lora_A), lora_B)).to(y.dtype)
-    dtype = base.compute_dtype or x.dtype
-    bias = base.bias.to(dtype) if base.bias is not None else None
-    y = torch.ops.nf4q.lora_gemm_4bit(x.to(dtype), *base.quantized_weight.op_args(), bias, lora_A.to(dtype),
-                                      lora_B.to(dtype), float(scaling))
-    return y.to(x.dtype)
+    """y = x·dequant(W)ᵀ + b + s·(dropout(x)·Aᵀ)·Bᵀ for a Linear4bit `base` and LoRA weights A [r, in], B [out, r]:
+    one fused op (nf4q.Linear4bit.lora_forward), dropout included."""
+    return base.lora_forward(x, lora_A, lora_B, scaling, dropout_p(dropout))
 
 
 # ---- merging into NF4 ------------------------------------------------------------------------------------
@@ -96,8 +85,8 @@ class QLoRALinear(nn.Module):
     """A frozen NF4 linear layer (`base_layer`, an nf4q.Linear4bit) plus a trainable LoRA update.
 
     `lora_A` [r, in] and `lora_B` [out, r] are bias-free nn.Linear modules (PEFT's layout and init),
-    `scaling` = lora_alpha / r (or / √r with use_rslora). Forward runs the fused nf4q.lora_gemm_4bit op
-    whenever dropout is inactive. merge() folds the update into the NF4 weight (requantizing, with a
+    `scaling` = lora_alpha / r (or / √r with use_rslora). Forward runs the fused nf4q.lora_gemm_4bit op,
+    LoRA dropout included. merge() folds the update into the NF4 weight (requantizing, with a
     warning); unmerge() restores the exact pre-merge weight.
     """
 

@@ -68,7 +68,11 @@ def test_lora_rank_zero_and_leading_dims():
 
 def test_lora_bad_shapes_raise():
     qw, x, A, B, bias = setup(4, 64, 96, 4, torch.float32)
-    with pytest.raises(RuntimeError, match="share r"):
+    with pytest.raises(ValueError, match="one r"):
         ops.lora_gemm_4bit(x, *qw.op_args(), None, A, B[:, :3], 1.0)
-    with pytest.raises(RuntimeError, match="lora_A must be"):
+    with pytest.raises(ValueError, match="lora_A must be"):
         ops.lora_gemm_4bit(x, *qw.op_args(), None, A[:, :90], B, 1.0)
+    with pytest.raises(ValueError, match="dropout_p"):
+        ops.lora_gemm_4bit(x, *qw.op_args(), None, A, B, 1.0, 1.0, 0)
+    with pytest.raises(ValueError, match="device"):
+        ops.lora_gemm_4bit(x, *qw.op_args(), None, A.cpu(), B, 1.0)

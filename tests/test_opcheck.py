@@ -34,7 +34,15 @@ def test_opcheck_all_ops(device, double_quant):
         (ops.gemm_4bit, (x, *w4, None)),
         (ops.gemm_4bit_dx, (g, *w4)),
         (ops.lora_gemm_4bit, (x, *w4, bias, A, B, 0.5)),
-        (ops.lora_gemm_4bit_dx, (g, *w4, A.detach(), B.detach(), 0.5)),  # backward pieces: no double backward
+        (ops.lora_gemm_4bit, (x, *w4, None, A, B, 0.5, 0.25, 1234)),  # with LoRA dropout
+        # backward pieces: no double backward
+        (ops.lora_gemm_4bit_dx, (g, *w4, A.detach(), B.detach(), 0.5)),
+        (ops.lora_gemm_4bit_dx, (g, *w4, A.detach(), B.detach(), 0.5, 0.25, 1234)),
+        (ops.lora_gemm_4bit_backward, (g, x.detach(), *w4, A.detach(), B.detach(), 0.5, 0.25, 1234,
+                                       [True, True, True])),
+        (ops.lora_gemm_4bit_backward, (g, x.detach(), *w4, A.detach(), B.detach(), 0.5, 0.0, 0,
+                                       [False, True, False])),
+        (ops.lora_dropout, (x.detach(), 0.3, 99)),
     ]
     for op, args in cases:
         torch.library.opcheck(op, args)

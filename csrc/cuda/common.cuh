@@ -139,7 +139,7 @@ bool gemm_mma(const at::Tensor& x2, const W4& w, const c10::optional<at::Tensor>
 
 // Large-M fused path (fused_gemm.cu, wgmma on sm_90a): out = act @ W^T (transposed = false; act [M, K], out
 // [M, N]) or act @ W (transposed = true; act [M, N], out [M, K]), plus extra_act @ extra_w^T when given (the LoRA
-// term as extra reduction columns: [M, r64] and [out cols, r64], zero-padded to a multiple of 64) plus bias. The
+// term as extra reduction columns: [M, r] and [out cols, r], r a multiple of 8) plus bias. The
 // dequantized W never reaches global memory. Returns false (doing nothing) when the inputs do not fit: fp16/bf16
 // only, out columns a multiple of 128, reduction a multiple of 64 (K of 128 when transposed), a 9.0 GPU.
 bool gemm_fused_eligible(const at::Tensor& act, const W4& w, bool transposed);
@@ -173,5 +173,10 @@ inline at::ScalarType compute_dtype(const at::Tensor& x) {
   const auto t = x.scalar_type();
   return (t == at::kHalf || t == at::kBFloat16 || t == at::kFloat) ? t : at::kFloat;
 }
+
+// LoRA dropout (dropout.cu) on contiguous fp32/fp16/bf16 tensors: a new drop(x), t = drop(t), out += drop(t).
+at::Tensor lora_dropout(const at::Tensor& x, double p, int64_t seed);
+void lora_dropout_(at::Tensor& t, double p, int64_t seed);
+void lora_dropout_add_(at::Tensor& out, const at::Tensor& t, double p, int64_t seed);
 
 }  // namespace nf4q::cuda

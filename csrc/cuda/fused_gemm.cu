@@ -11,7 +11,7 @@
 //   (backward writes it transposed: W's rows are the reduction there), exactly code[q] * absmax rounded once,
 //   as dequantize_4bit does;
 //   each warpgroup issues four wgmma m64n128k16 on it, and the next tile is dequantized while they run.
-// The LoRA term rides as extra reduction steps over [M, r64] x [N_out, r64] (zero-padded to 64).
+// The LoRA term rides as extra reduction steps over [M, r] x [N_out, r] (r a multiple of 8, zero-filled to 64).
 // Built only for sm_90a (wgmma); elsewhere gemm_fused() returns false and callers take another path.
 #include <cuda.h>
 
@@ -33,13 +33,13 @@ constexpr int kSmemBytes = 1024 /*alignment slack*/ + kStages * (kTileBytes + kR
                            2 * kTileBytes + 256 * kLutCopies * 8 + kStages * 8 /*mbarriers*/;
 
 struct Params {  // beside the tensor maps of act [M, R] (R = K forward, N backward), packed W and absmax
-  const void* extra_act;  // [M, r64] or null
-  const void* extra_w;    // [n_out, r64] or null
+  const void* extra_act;  // [M, r] or null (r a multiple of 8)
+  const void* extra_w;    // [n_out, r] or null
   const void* bias;       // [n_out] or null
   void* out;              // [M, n_out]
   const float* code;
   int64_t M;
-  int R, n_out, log2bs, r64, m_tiles, n_tiles;
+  int R, n_out, log2bs, r, m_tiles, n_tiles;
 };
 
 #if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
@@ -138,14 +138,15 @@ __device__ __forceinline__ void mma_wait(float* d) {
 __device__ __forceinline__ void fence_to_async() { asm volatile("fence.proxy.async.shared::cta;" ::: "memory"); }
 #endif
 
-// 128 rows x 64 elements of a row-major 16-bit matrix (row stride ld elements) into a swizzled tile; rows past
-// `rows` are zero-filled.
-__device__ __forceinline__ void load_tile(uint32_t dst, const uint16_t* src, int64_t ld, int64_t row0, int64_t rows,
-                                          int64_t col0) {
+// 128 rows x 64 elements of a row-major 16-bit matrix [rows, cols] (row stride cols, a multiple of 8) into a
+// swizzled tile; rows past `rows` and columns past `cols` are zero-filled (so a LoRA rank r needs no padding).
+__device__ __forceinline__ void load_tile(uint32_t dst, const uint16_t* src, int64_t cols, int64_t row0,
+                                          int64_t rows, int64_t col0) {
 #pragma unroll
   for (int i = 0; i < 4; ++i) {
     const int idx = threadIdx.x + kThreads * i, r = idx >> 3, c = idx & 7;
-    const bool ok = row0 + r < rows;
+    const bool ok = row0 + r < rows && col0 + c * 8 < cols;
+    const int64_t ld = cols;
     const uint16_t* p = ok ? src + (row0 + r) * ld + col0 + c * 8 : src;
     cp_async16(dst + swz(r, c), p, ok);
   }
@@ -285,10 +286,10 @@ __global__ void __launch_bounds__(kThreads, 1)
     __syncthreads();
   }
 
-  // The LoRA term: extra 64-wide reduction steps over [M, r64] x [n_out, r64], the dense tile straight into w_s.
-  for (int e = 0; p.extra_act != nullptr && e < p.r64 / kBK; ++e) {
-    load_tile(smem_addr(act_s), static_cast<const uint16_t*>(p.extra_act), p.r64, m0, p.M, int64_t{e} * kBK);
-    load_tile(smem_addr(w_s), static_cast<const uint16_t*>(p.extra_w), p.r64, n0, p.n_out, int64_t{e} * kBK);
+  // The LoRA term: extra 64-wide reduction steps over [M, r] x [n_out, r], the dense tile straight into w_s.
+  for (int e = 0; p.extra_act != nullptr && e * kBK < p.r; ++e) {
+    load_tile(smem_addr(act_s), static_cast<const uint16_t*>(p.extra_act), p.r, m0, p.M, int64_t{e} * kBK);
+    load_tile(smem_addr(w_s), static_cast<const uint16_t*>(p.extra_w), p.r, n0, p.n_out, int64_t{e} * kBK);
     cp_async_commit();
     cp_async_wait<0>();
     fence_to_async();
@@ -418,12 +419,14 @@ bool gemm_fused(const at::Tensor& act_in, const W4& w, bool transposed, const at
   p.log2bs = 0;
   while ((int64_t{1} << p.log2bs) < w.blocksize) ++p.log2bs;
   if (extra_act != nullptr) {
-    TORCH_CHECK(extra_act->is_contiguous() && extra_w->is_contiguous() && extra_act->size(1) % kBK == 0 &&
-                    extra_w->size(1) == extra_act->size(1) && extra_w->size(0) == n_out,
+    TORCH_CHECK(extra_act->is_contiguous() && extra_w->is_contiguous() && extra_act->size(1) % 8 == 0 &&
+                    extra_w->size(1) == extra_act->size(1) && extra_w->size(0) == n_out &&
+                    extra_act->size(0) == M && extra_act->scalar_type() == dt && extra_w->scalar_type() == dt &&
+                    aligned16(extra_act->data_ptr()) && aligned16(extra_w->data_ptr()),
                 "nf4q: gemm_fused: bad extra operands");
     p.extra_act = extra_act->data_ptr();
     p.extra_w = extra_w->data_ptr();
-    p.r64 = static_cast<int>(extra_act->size(1));
+    p.r = static_cast<int>(extra_act->size(1));
   }
   p.m_tiles = static_cast<int>((M + kBM - 1) / kBM);
   p.n_tiles = static_cast<int>(n_out / kBN);

@@ -18,7 +18,7 @@ constexpr int64_t kFusedMaxM = 256;
 // Dequantized W the cuBLAS path holds at a time: 32 MiB (a 28672 x 8192 bf16 W is 448 MiB), but at least 2048
 // rows, since each slab re-reads the activations (forward) or re-writes dx (backward): 512-row slabs of the
 // 8192 x 28672 weight made the forward 1.16x bf16 at M = 4096 (bench_linear on the H200).
-constexpr int64_t kSlabBytes = 32 << 20, kSlabMinRows = 2048;
+constexpr int64_t kSlabBytes = 32 << 20, kSlabMinRows = 2048, kSlabMinCols = 1024;
 
 at::Tensor gemm_4bit(const at::Tensor& x, NF4Q_W4_PARAMS, const c10::optional<at::Tensor>& bias) {
   const auto w = make_w4(NF4Q_W4_ARGS);
@@ -86,19 +86,32 @@ bool use_fused(int64_t M, int64_t out_cols) {
 void gemm_slabs(const at::Tensor& act, const W4& w, bool transposed, at::Tensor& out, bool accumulate) {
   const int64_t N = w.rows(), K = w.cols();
   const int64_t elt = out.element_size();
-  // Whole multiples of 128 rows; one slab when W is small.
-  const int64_t rows = std::max<int64_t>(kSlabMinRows, kSlabBytes / (K * elt) / 128 * 128);
-  auto slab = at::empty({std::min(rows, N), K}, out.options());
-  for (int64_t n0 = 0; n0 < N; n0 += rows) {
-    const int64_t n = std::min(rows, N - n0);
-    auto wd = slab.narrow(0, 0, n);
-    dequant4_rect(w, K, n0, n, 0, K, wd, K);
-    // forward: columns n0.. of out = act @ slab^T; backward: out += act[:, n0..] @ slab (the reduction is over N)
-    auto dst = transposed ? out : out.narrow(1, n0, n);
-    const auto a = transposed ? act.narrow(1, n0, n) : act;
-    const auto b = transposed ? wd : wd.t();
-    if (accumulate || (transposed && n0 > 0)) dst.addmm_(a, b);
-    else at::mm_out(dst, a, b);
+  // Slabs split the output columns, never the reduction: forward takes slabs of W's rows (columns n0.. of out =
+  // act @ slab^T), backward slabs of W's columns (columns k0.. of out = act @ W[:, k0..]). Each output element is
+  // then one cuBLAS reduction, accumulated in fp32 and rounded once, as on the fused paths (slabs of W's rows in
+  // backward would round dx once per slab).
+  const int64_t span = transposed ? K : N, depth = transposed ? N : K;
+  // Whole multiples of 128 rows/columns; one slab when W is small. A column slab spans all N rows, so its floor is
+  // lower: 1024 columns of the 8192 x 28672 weight are 56 MiB, and 8 such slabs re-read g about as many bytes as
+  // the row slabs re-wrote dx.
+  const int64_t floor = transposed ? kSlabMinCols : kSlabMinRows;
+  const int64_t len = std::max<int64_t>(floor, kSlabBytes / (depth * elt) / 128 * 128);
+  auto slab = at::empty({std::min(len, span) * depth}, out.options());
+  for (int64_t s0 = 0; s0 < span; s0 += len) {
+    const int64_t n = std::min(len, span - s0);
+    auto dst = out.narrow(1, s0, n);
+    at::Tensor b;
+    if (transposed) {
+      auto wd = slab.narrow(0, 0, N * n).view({N, n});
+      dequant4_rect(w, K, 0, N, s0, n, wd, n);
+      b = wd;
+    } else {
+      auto wd = slab.narrow(0, 0, n * K).view({n, K});
+      dequant4_rect(w, K, s0, n, 0, K, wd, K);
+      b = wd.t();
+    }
+    if (accumulate) dst.addmm_(act, b);
+    else at::mm_out(dst, act, b);
   }
 }
 

@@ -1,10 +1,14 @@
-// CUDA lora_gemm_4bit and lora_gemm_4bit_dx.
-//   y  = x @ W^T + bias + s (x A^T) B^T        dx = g @ W + s (g B) A
-// M <= 64: gemm_2d (the mma.sync / wgmma kernels) for x W^T, then one rank-r update (addmm_). 64 < M <= 256 on a
-// 9.0 GPU, where use_fused() says it wins: the wgmma kernel (fused_gemm.cu) over the concatenated inner
-// dimension, [x, s xA^T] @ [W, B]^T and [g, s gB] @ [W; A], W dequantized only in shared memory. Elsewhere (larger
-// M, fp32, odd shapes, other GPUs): the thin LoRA product first, then cuBLAS adds x W^T slab by slab of
-// dequantized W (beta = 1), max(32 MiB, 2048 rows) of W at a time.
+// CUDA lora_gemm_4bit, lora_gemm_4bit_dx and lora_gemm_4bit_backward (d = LoRA dropout, csrc/common/dropout.h):
+//   y  = x W^T + bias + s (d(x) A^T) B^T
+//   dx = g W + d'(s (g B) A)      dA = s (g B)^T d(x)      dB = s g^T (d(x) A^T)
+// Paths for the base product: M <= 64: gemm_2d (the mma.sync / wgmma kernels), then one rank-r update. 64 < M <= 256
+// on a 9.0 GPU, where use_fused() says it wins: the wgmma kernel (fused_gemm.cu) over the concatenated inner
+// dimension, [x, s d(x)A^T] @ [W, B]^T and [g, s gB] @ [W; A], W dequantized only in shared memory. Elsewhere
+// (larger M, fp32, odd shapes, other GPUs): the thin LoRA term first, then cuBLAS adds x W^T slab by slab of
+// dequantized W (beta = 1), max(32 MiB, 2048 rows or columns) of W at a time.
+// Numerics, every path but M <= 64: the base product is accumulated in fp32 over the whole reduction and the output
+// rounded once; the thin factor s d(x)A^T (or s gB) is rounded to the compute dtype before it joins the same
+// accumulation. With dropout, backward's LoRA part of dx is masked elementwise, so it is added after the product.
 // NF4Q_CUDA_LORA=fused|slabs overrides the choice (for benchmarks and tests).
 #include <torch/library.h>
 
@@ -33,10 +37,16 @@ bool want_fused(int64_t M, int64_t out_cols) {
   return p == LoraPath::kFused || (p == LoraPath::kAuto && M > kSmallM && use_fused(M, out_cols));
 }
 
-// [rows, r] -> [rows, r rounded up to 64] with zero columns: the LoRA operand of the fused kernel's extra steps.
-at::Tensor pad64(const at::Tensor& t) {
-  const int64_t r = t.size(1), r64 = (r + 63) / 64 * 64;
-  auto out = at::zeros({t.size(0), r64}, t.options());
+// s * a @ b in one cuBLAS call (alpha = s; beta = 0 ignores the uninitialized input).
+at::Tensor mm_scaled(const at::Tensor& a, const at::Tensor& b, double s) {
+  return at::addmm(at::empty({a.size(0), b.size(1)}, a.options()), a, b, 0, s);
+}
+
+// The LoRA operand of the fused kernel's extra steps: r columns, a multiple of 8 (the kernel zero-fills to 64).
+at::Tensor pad8(const at::Tensor& t) {
+  const int64_t r = t.size(1), r8 = (r + 7) / 8 * 8;
+  if (r8 == r) return t.contiguous();
+  auto out = at::zeros({t.size(0), r8}, t.options());
   out.narrow(1, 0, r).copy_(t);
   return out;
 }
@@ -48,32 +58,62 @@ void fused_with_lora(const at::Tensor& act, const W4& w, bool transposed, const 
     gemm_fused(act, w, transposed, nullptr, nullptr, bias, out);
     return;
   }
-  const auto lo64 = pad64(lo), hi64 = pad64(hi);
-  gemm_fused(act, w, transposed, &lo64, &hi64, bias, out);
+  const auto lo8 = pad8(lo), hi8 = pad8(hi);
+  gemm_fused(act, w, transposed, &lo8, &hi8, bias, out);
 }
 
-void check_lora(const W4& w, const at::Tensor& A, const at::Tensor& B, const at::Tensor& x, const char* what) {
-  TORCH_CHECK(x.is_cuda(), "nf4q: ", what, ": input must be a CUDA tensor");
-  TORCH_CHECK(A.dim() == 2 && B.dim() == 2 && A.size(0) == B.size(1),
-              "nf4q: lora_A [r, K] and lora_B [N, r] must share r");
-  TORCH_CHECK(A.size(1) == w.cols() && B.size(0) == w.rows(), "nf4q: lora_A must be [r, ", w.cols(),
-              "] and lora_B [", w.rows(), ", r]");
-  TORCH_CHECK(A.device() == x.device() && B.device() == x.device(),
-              "nf4q: LoRA weights must be on the input's device");
-  TORCH_CHECK(at::isFloatingType(A.scalar_type()) && at::isFloatingType(B.scalar_type()),
-              "nf4q: LoRA weights must be floating point");
+// d(x) for a contiguous [M, K] x in the compute dtype (x itself when p = 0).
+at::Tensor dropped(const at::Tensor& x2, double p, int64_t seed) {
+  return p > 0 ? lora_dropout(x2.contiguous(), p, seed) : x2;
+}
+
+// dx [M, K] = g W + d'(us A) in g2's dtype, given us = s g B [M, r] and A [r, K] in that dtype.
+at::Tensor lora_dx(const at::Tensor& g2, const W4& w, const at::Tensor& us, const at::Tensor& A, double p,
+                   int64_t seed) {
+  const int64_t M = g2.size(0), N = w.rows(), K = w.cols(), r = A.size(0);
+  if (M == 0 || N == 0 || K == 0) {
+    auto dx = at::zeros({M, K}, g2.options());
+    if (r > 0 && M > 0 && K > 0 && N > 0) lora_dropout_add_(dx, at::mm(us, A), p, seed);
+    return dx;
+  }
+  const bool fused = want_fused(M, K) && gemm_fused_eligible(g2, w, true);
+  if (p > 0) {  // the mask acts on the [M, K] LoRA term: it cannot ride inside the GEMM's reduction
+    auto t = at::mm(us, A);
+    if (fused) {
+      auto dx = at::empty({M, K}, g2.options());
+      gemm_fused(g2, w, true, nullptr, nullptr, {}, dx);
+      lora_dropout_add_(dx, t, p, seed);
+      return dx;
+    }
+    auto dx = t;  // d'(us A), then += g W
+    lora_dropout_(dx, p, seed);
+    gemm_slabs(g2, w, true, dx, true);
+    return dx;
+  }
+  if (fused) {
+    auto dx = at::empty({M, K}, g2.options());
+    fused_with_lora(g2, w, true, us, A.t(), {}, dx);
+    return dx;
+  }
+  if (r == 0) {
+    auto dx = at::empty({M, K}, g2.options());
+    gemm_slabs(g2, w, true, dx, false);
+    return dx;
+  }
+  auto dx = at::mm(us, A);
+  gemm_slabs(g2, w, true, dx, true);
+  return dx;
 }
 
 at::Tensor lora_gemm_4bit(const at::Tensor& x, NF4Q_W4_PARAMS, const c10::optional<at::Tensor>& bias,
-                          const at::Tensor& lora_A, const at::Tensor& lora_B, double scale) {
+                          const at::Tensor& lora_A, const at::Tensor& lora_B, double scale, double dropout_p,
+                          int64_t seed) {
   const auto w = make_w4(NF4Q_W4_ARGS);
   const int64_t N = w.rows(), K = w.cols();
   check_matmul(x, w, K, "lora_gemm_4bit");
-  check_lora(w, lora_A, lora_B, x, "lora_gemm_4bit");
-  if (bias) {
-    TORCH_CHECK(bias->numel() == N && bias->device() == x.device() && at::isFloatingType(bias->scalar_type()),
-                "nf4q: bias must be a floating-point tensor of ", N, " values on ", x.device());
-  }
+  TORCH_CHECK_VALUE(x.is_cuda(), "nf4q: lora_gemm_4bit: x must be a CUDA tensor");
+  check_lora(lora_A, lora_B, N, K, x, dropout_p, "lora_gemm_4bit");
+  check_bias(bias, x, N, "lora_gemm_4bit");
   c10::cuda::CUDAGuard guard(x.device());
   const auto dt = compute_dtype(x);
   const auto x2 = x.reshape({-1, K}).to(dt);
@@ -82,12 +122,12 @@ at::Tensor lora_gemm_4bit(const at::Tensor& x, NF4Q_W4_PARAMS, const c10::option
   at::Tensor y;
   if (M > 0 && want_fused(M, N) && gemm_fused_eligible(x2, w, false)) {
     y = at::empty({M, N}, x2.options());
-    fused_with_lora(x2, w, false, at::mm(x2, A.t()).mul_(scale), B, bias, y);
+    fused_with_lora(x2, w, false, mm_scaled(dropped(x2, dropout_p, seed), A.t(), scale), B, bias, y);
   } else if (M <= kSmallM || r == 0 || N == 0 || K == 0) {
     y = gemm_2d(x2, w, bias);
-    if (r > 0 && M > 0 && N > 0) y.addmm_(at::mm(x2, A.t()), B.t(), 1, scale);
+    if (r > 0 && M > 0 && N > 0) y.addmm_(at::mm(dropped(x2, dropout_p, seed), A.t()), B.t(), 1, scale);
   } else {
-    const auto xa = at::mm(x2, A.t()).mul_(scale);
+    const auto xa = mm_scaled(dropped(x2, dropout_p, seed), A.t(), scale);
     y = bias ? at::addmm(bias->to(dt), xa, B.t()) : at::mm(xa, B.t());
     gemm_slabs(x2, w, false, y, true);
   }
@@ -95,31 +135,43 @@ at::Tensor lora_gemm_4bit(const at::Tensor& x, NF4Q_W4_PARAMS, const c10::option
 }
 
 at::Tensor lora_gemm_4bit_dx(const at::Tensor& grad, NF4Q_W4_PARAMS, const at::Tensor& lora_A,
-                             const at::Tensor& lora_B, double scale) {
+                             const at::Tensor& lora_B, double scale, double dropout_p, int64_t seed) {
   const auto w = make_w4(NF4Q_W4_ARGS);
   const int64_t N = w.rows(), K = w.cols();
   check_matmul(grad, w, N, "lora_gemm_4bit_dx");
-  check_lora(w, lora_A, lora_B, grad, "lora_gemm_4bit_dx");
+  TORCH_CHECK_VALUE(grad.is_cuda(), "nf4q: lora_gemm_4bit_dx: grad must be a CUDA tensor");
+  check_lora(lora_A, lora_B, N, K, grad, dropout_p, "lora_gemm_4bit_dx");
   c10::cuda::CUDAGuard guard(grad.device());
   const auto dt = compute_dtype(grad);
   const auto g2 = grad.reshape({-1, N}).to(dt);
-  const int64_t M = g2.size(0), r = lora_A.size(0);
-  const auto A = lora_A.to(dt), B = lora_B.to(dt);
-  at::Tensor dx;
-  if (M == 0 || N == 0 || K == 0) {
-    dx = at::zeros({M, K}, g2.options());
-    if (r > 0 && M > 0 && K > 0 && N > 0) dx.addmm_(at::mm(g2, B), A, 1, scale);
-  } else if (want_fused(M, K) && gemm_fused_eligible(g2, w, true)) {
-    dx = at::empty({M, K}, g2.options());
-    fused_with_lora(g2, w, true, at::mm(g2, B).mul_(scale), A.t(), {}, dx);
-  } else if (r == 0) {
-    dx = at::empty({M, K}, g2.options());
-    gemm_slabs(g2, w, true, dx, false);
-  } else {
-    dx = at::mm(at::mm(g2, B).mul_(scale), A);
-    gemm_slabs(g2, w, true, dx, true);
-  }
+  const auto dx = lora_dx(g2, w, mm_scaled(g2, lora_B.to(dt), scale), lora_A.to(dt), dropout_p, seed);
   return dx.to(grad.scalar_type()).view(with_last(grad, K));
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> lora_gemm_4bit_backward(
+    const at::Tensor& grad, const at::Tensor& x, NF4Q_W4_PARAMS, const at::Tensor& lora_A, const at::Tensor& lora_B,
+    double scale, double dropout_p, int64_t seed, std::array<bool, 3> mask) {
+  const auto w = make_w4(NF4Q_W4_ARGS);
+  const int64_t N = w.rows(), K = w.cols();
+  check_matmul(grad, w, N, "lora_gemm_4bit_backward");
+  check_matmul(x, w, K, "lora_gemm_4bit_backward");
+  TORCH_CHECK_VALUE(grad.is_cuda(), "nf4q: lora_gemm_4bit_backward: grad must be a CUDA tensor");
+  check_lora(lora_A, lora_B, N, K, x, dropout_p, "lora_gemm_4bit_backward");
+  c10::cuda::CUDAGuard guard(grad.device());
+  const auto dt = compute_dtype(grad);
+  const auto g2 = grad.reshape({-1, N}).to(dt);
+  const auto A = lora_A.to(dt);
+  const auto us = mm_scaled(g2, lora_B.to(dt), scale);  // s g B [M, r], shared by dA and dx
+  at::Tensor dx, dA, dB;
+  if (mask[1] || mask[2]) {  // first, so that d(x) is freed before dx is allocated
+    const auto xd = dropped(x.reshape({-1, K}).to(dt), dropout_p, seed);
+    if (mask[1]) dA = at::mm(us.t(), xd).to(lora_A.scalar_type());
+    if (mask[2]) dB = mm_scaled(g2.t(), at::mm(xd, A.t()), scale).to(lora_B.scalar_type());
+  }
+  if (mask[0]) dx = lora_dx(g2, w, us, A, dropout_p, seed).to(grad.scalar_type()).view(with_last(grad, K));
+  // The schema returns three tensors: an empty one stands for each gradient output_mask did not ask for.
+  const auto none = [&](const at::Tensor& t) { return t.defined() ? t : at::empty({0}, grad.options()); };
+  return {none(dx), none(dA), none(dB)};
 }
 
 }  // namespace
@@ -127,6 +179,7 @@ at::Tensor lora_gemm_4bit_dx(const at::Tensor& grad, NF4Q_W4_PARAMS, const at::T
 TORCH_LIBRARY_IMPL(nf4q, CUDA, m) {
   m.impl("lora_gemm_4bit", &lora_gemm_4bit);
   m.impl("lora_gemm_4bit_dx", &lora_gemm_4bit_dx);
+  m.impl("lora_gemm_4bit_backward", &lora_gemm_4bit_backward);
 }
 
 }  // namespace nf4q::cuda
