@@ -56,6 +56,31 @@ def runtime_libs(cxx):
     return out
 
 
+def toolchain_facts(cxx):
+    """What else can make a compiler's exceptions unsafe in torch's process: a libstdc++.so that is a linker
+    script pulling in a static part (RHEL gcc-toolset's libstdc++_nonshared.a carries private copies of runtime
+    pieces), a default C++ ABI other than torch's, how it was configured."""
+    facts = {}
+    try:
+        so = subprocess.run([cxx, "-print-file-name=libstdc++.so"], capture_output=True, text=True, timeout=30).stdout.strip()
+        if os.path.isfile(so) and os.path.getsize(so) < 4096:
+            with open(so, errors="replace") as f:
+                text = f.read()
+            if "GROUP" in text or "INPUT" in text:
+                facts["libstdc++.so is a linker script"] = " ".join(text.split())[-300:]
+        macros = subprocess.run([cxx, "-x", "c++", "-E", "-dM", "-"], input="#include <string>\n", capture_output=True,
+                                text=True, timeout=60).stdout
+        abi = [ln.split()[-1] for ln in macros.splitlines() if ln.startswith("#define _GLIBCXX_USE_CXX11_ABI ")]
+        facts["default _GLIBCXX_USE_CXX11_ABI"] = abi[0] if abi else "?"
+        info = subprocess.run([cxx, "-v", "-E", "-x", "c++", os.devnull], capture_output=True, text=True,
+                              timeout=30).stderr.splitlines()
+        facts["configured with"] = [ln[:600] for ln in info if ln.startswith("Configured with")]
+        facts["collect/ld"] = [ln[:200] for ln in info if "COLLECT_GCC=" in ln or "COLLECT_LTO" in ln]
+    except (OSError, subprocess.SubprocessError) as e:
+        facts["error"] = str(e)
+    return facts
+
+
 def loaded_libs():
     """The libstdc++ / libgcc_s this process (with torch imported) has mapped."""
     import torch  # noqa: F401
@@ -100,16 +125,15 @@ def probe(cxx, extra_ldflags=(), keep=None):
 
 
 def choose_compiler(cache_dir):
-    """The CXX setup.py should build with. Probes $CXX only when it is not the system compiler and its runtime
-    libraries differ from the ones torch loaded; if the probe crashes, falls back to /usr/bin/g++ when that one
-    raises properly, else stops the build with what to do. NF4Q_SKIP_CXX_CHECK=1 skips all of it."""
+    """The CXX setup.py should build with. Probes $CXX (once per compiler and torch version, cached in
+    cache_dir) when it is not the system compiler under /usr/bin; if the probe crashes, falls back to
+    /usr/bin/g++ when that one raises properly, else stops the build with what to do.
+    NF4Q_SKIP_CXX_CHECK=1 skips all of it."""
     cxx = os.environ.get("CXX", "c++")
     path = shutil.which(cxx.split()[0]) or cxx
     if os.environ.get("NF4Q_SKIP_CXX_CHECK") == "1" or os.path.realpath(path).startswith("/usr/bin/"):
         return cxx
     mine, loaded = runtime_libs(cxx), loaded_libs()
-    if all(mine[k] is None or loaded[k] is None or mine[k] == loaded[k] for k in mine):
-        return cxx
     version = subprocess.run([cxx, "--version"], capture_output=True, text=True).stdout.splitlines()[:1]
     import torch
 
@@ -141,11 +165,15 @@ def choose_compiler(cache_dir):
 
 def main(argv):
     compilers = argv or [os.environ.get("CXX", "c++"), "/usr/bin/g++"]
+    import torch
+
     print("torch process has loaded:", json.dumps(loaded_libs(), indent=1))
+    print("torch", torch.__version__, "built with _GLIBCXX_USE_CXX11_ABI =", int(torch._C._GLIBCXX_USE_CXX11_ABI))
     for cxx in compilers:
         ver = subprocess.run([cxx, "--version"], capture_output=True, text=True).stdout.splitlines()[:1]
         print(f"\n=== {cxx}: {ver}")
         print("links against:", json.dumps(runtime_libs(cxx), indent=1))
+        print("toolchain:", json.dumps(toolchain_facts(cxx), indent=1))
         variants = [()]
         if not os.path.realpath(shutil.which(cxx) or cxx).startswith("/usr/bin/"):
             variants.append(("-shared-libgcc",))  # if only this one raises: the wrapper links libgcc statically
