@@ -13,6 +13,8 @@ gradient checkpointing (use_reentrant=False), SDPA, bf16, the same token batch e
   c  peft LoRA over the bf16 model, torch AdamW (fused)
   d  nf4q: nf4q.from_pretrained (where nf4q exports it; else a bf16 load + nf4q.quantize_model) +
      peft_layers.get_peft_model + nf4q.optim.PagedAdamW
+  e  d under torch.compile (mode="reduce-overhead": CUDA graphs), only when asked for (--stacks ... e): the
+     compile takes its warm-up steps
 AdamW lr 2e-4 (--lr). The first 8 losses are printed per case; "vs (b)" is the tok/s ratio to (b) at the same batch
 and dropout, beside the largest loss difference to (b) (issue 13 asks nf4q's within 0.02).
 Weights: --shape 8b saves the model once as safetensors in a temp dir and every stack loads it (from_pretrained);
@@ -54,7 +56,9 @@ SHAPES = {  # LlamaConfig fields (num_hidden_layers comes from --layers)
     "tiny": dict(vocab_size=512, hidden_size=128, intermediate_size=256, num_attention_heads=4,
                  num_key_value_heads=2, tie_word_embeddings=False),  # tests, CPU
 }
-STACKS = {"a": "bnb+peft QLoRA recipe", "b": "bnb+peft, no fp32 upcast", "c": "peft LoRA, bf16 base", "d": "nf4q"}
+STACKS = {"a": "bnb+peft QLoRA recipe", "b": "bnb+peft, no fp32 upcast", "c": "peft LoRA, bf16 base", "d": "nf4q",
+          "e": "nf4q + torch.compile"}
+DEFAULT_STACKS = ["a", "b", "c", "d"]  # e compiles for a minute or two first: asked for by name
 N_LOSSES = 8
 
 
@@ -203,7 +207,7 @@ def load_stack(stack, spec, device):
     else:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=gc)
     model.config.use_cache = False
-    if stack == "d":
+    if stack in ("d", "e"):
         import peft_layers
 
         model = peft_layers.get_peft_model(model, peft_layers.LoRAConfig(
@@ -229,6 +233,8 @@ def load_stack(stack, spec, device):
 
         opt = (PagedAdamW if cuda else AdamW)(params, lr=lr, weight_decay=0.0)
     notes.append(f"{type(opt).__module__.split('.')[0]}.{type(opt).__name__}")
+    if stack == "e":  # the model's forward and backward as compiled graphs (CUDA graphs: shapes are static here)
+        model = torch.compile(model, mode="reduce-overhead" if cuda else None)
     return model, opt, notes
 
 
@@ -411,7 +417,7 @@ def main(argv=None):
     if args.quick:  # the first batch (1x512 by default), the first dropout
         batches, args.dropout, args.steps = batches[:1], args.dropout[:1], 3
     layerwise = args.layerwise or args.shape == "70b"
-    stacks = args.stacks or list(STACKS)
+    stacks = args.stacks or DEFAULT_STACKS
     started = time.perf_counter()
     run = run_case if args.in_process else run_isolated
     base = {"shape": args.shape, "layers": args.layers, "steps": args.steps, "warmup": args.warmup, "lr": args.lr,
