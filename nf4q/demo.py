@@ -168,8 +168,10 @@ def _cpu_threads(threads):
 
 
 def run(model_path=None, steps=30, batch_size=16, lr=1e-3, rank=8, alpha=16, device="auto", seed=0, threads=None,
-        out=sys.stdout):
-    """Run the demo; returns a dict of the figures it printed (used by the tests)."""
+        out=None):
+    """Run the demo; returns a dict of the figures it printed (used by the tests). `out` defaults to the
+    sys.stdout of the call (not of the import: a redirected or captured stdout must see the output)."""
+    out = sys.stdout if out is None else out
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     start = time.perf_counter()

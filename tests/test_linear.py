@@ -148,6 +148,17 @@ def test_quantize_model_replaces_linears():
         assert rel_err(got, expect.double()) < 0.12
 
 
+def test_quantize_model_passes_its_options_to_every_layer():
+    model = nn.Sequential(nn.Linear(64, 128), nn.Sequential(nn.Linear(128, 64)))
+    nf4q.quantize_model(model, skip=(), progress=False, compute_dtype=torch.bfloat16, blocksize=128,
+                        double_quant=True, nested_map="dynamic")
+    for layer in (model[0], model[1][0]):
+        assert (layer.compute_dtype, layer.blocksize) == (torch.bfloat16, 128)
+        assert torch.equal(layer.weight_nested_code, nf4q.nested_map("dynamic"))
+    nf4q.quantize_model(plain := nn.Sequential(nn.Linear(64, 32)), skip=(), progress=False, double_quant=False)
+    assert plain[0].weight_nested_absmax is None and plain[0].compute_dtype is None
+
+
 def test_quantized_weight_view_and_bits():
     layer = nf4q.Linear4bit(256, 128)
     qw = layer.quantized_weight

@@ -85,7 +85,7 @@ def kernel(op, fn):
 def load():
     """Import everything the mutants patch, so that install() sees every binding."""
     for name in ("nf4q", "nf4q._reference", "nf4q.tensor", "nf4q.linear", "nf4q.codebook", "nf4q.optim",
-                 "nf4q.optim.adamw", "nf4q.optim.reference", "nf4q.demo", "peft_layers", "peft_layers.qlora",
+                 "nf4q.optim.adamw", "nf4q.optim.reference", "peft_layers", "peft_layers.qlora",
                  "peft_layers.lora", "peft_layers.forgetting"):
         importlib.import_module(name)
 
@@ -350,3 +350,47 @@ def _():
 def _():
     from nf4q import demo
     edit_in_place(demo._run, '[{"params": adapters}, {"params"', '[{"params"')
+
+
+# ---- more Python-layer options that are easy to drop on the way -----------------------------------------------
+
+@mutant("linear.quantize_model_ignores_blocksize", ["tests/test_linear.py", "tests/test_cli.py"],
+        "quantize_model(blocksize=...) always quantizes in blocks of 64")
+def _():
+    import nf4q
+    edit_in_place(nf4q.quantize_model, "compute_dtype=compute_dtype, blocksize=blocksize,",
+                  "compute_dtype=compute_dtype, blocksize=64,")
+
+
+@mutant("linear.quantize_model_ignores_compute_dtype", ["tests/test_linear.py", "tests/test_cli.py"],
+        "quantize_model(compute_dtype=...) leaves the layers computing in the input's dtype")
+def _():
+    import nf4q
+    edit_in_place(nf4q.quantize_model, "from_linear(linear, compute_dtype=compute_dtype,",
+                  "from_linear(linear, compute_dtype=None,")
+
+
+@mutant("optim.state_maps_swapped", ["tests/test_optim.py"],
+        "AdamW(bits=8) passes the unsigned map for m and the signed one for v")
+def _():
+    from nf4q.optim import adamw
+    edit_in_place(adamw.AdamW._launch, "*self._maps(device), *hp, step)", "*self._maps(device)[::-1], *hp, step)")
+
+
+@mutant("replay.mix_ignores_ratio", ["tests/test_forgetting.py"], "ReplayBuffer.mix appends a full task batch")
+def _():
+    from peft_layers import forgetting
+    edit_in_place(forgetting.ReplayBuffer.mix, "n = min(round(ratio * size), len(self))", "n = min(size, len(self))")
+
+
+@mutant("replay.loss_ignores_lam", ["tests/test_forgetting.py"], "ReplayBuffer.loss adds the replay loss unweighted")
+def _():
+    from peft_layers import forgetting
+    edit_in_place(forgetting.ReplayBuffer.loss, "task_loss + lam * loss_fn(", "task_loss + loss_fn(")
+
+
+@mutant("tensor.nested_blocksize_128", ["tests/test_quant_cpu.py"],
+        "double quantization groups 128 absmax per second-level scale while the format says 256")
+def _():
+    from nf4q import tensor
+    edit_in_place(tensor.quantize, "(absmax - offset, table, NESTED_BLOCKSIZE)", "(absmax - offset, table, 128)")
