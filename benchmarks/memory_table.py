@@ -100,7 +100,7 @@ def build_llama(size, device, dtype, quantize=False):
 def load_minilm(device, dtype):
     from transformers import AutoModel
 
-    from nf4q.demo import default_model_dir
+    from nf4q.cli.demo import default_model_dir
 
     return AutoModel.from_pretrained(default_model_dir(), local_files_only=True, dtype=dtype).to(device)
 

@@ -55,7 +55,7 @@ def test_wheel_holds_nf4q_and_peft_layers_only(wheel):
     names = wheel[0]
     tops = {n.split("/")[0] for n in names}
     assert {t for t in tops if not t.endswith(".dist-info")} == {"nf4q", "peft_layers"}
-    for must in ("nf4q/__init__.py", "nf4q/loading.py", "nf4q/cli.py", "nf4q/optim/__init__.py",
+    for must in ("nf4q/__init__.py", "nf4q/loading.py", "nf4q/cli/__init__.py", "nf4q/optim/__init__.py",
                  "peft_layers/__init__.py"):
         assert must in names
     assert not any(n.startswith(("benchmarks/", "tests/", "csrc/")) or "/benchmarks/" in n for n in names)

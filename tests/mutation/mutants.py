@@ -341,14 +341,14 @@ def _():
 @mutant("demo.no_optimizer_step", ["tests/test_cli.py::test_demo_trains_as_the_readme_says"],
         "the demo's fine-tune loop computes losses but never steps the optimizer")
 def _():
-    from nf4q import demo
+    from nf4q.cli import demo
     edit_in_place(demo._run, "        opt.step()\n", "        pass\n")
 
 
 @mutant("demo.head_only", ["tests/test_cli.py::test_demo_trains_as_the_readme_says"],
         "the demo trains only the cosine head: the LoRA adapters get no optimizer")
 def _():
-    from nf4q import demo
+    from nf4q.cli import demo
     edit_in_place(demo._run, '[{"params": adapters}, {"params"', '[{"params"')
 
 
