@@ -1,11 +1,10 @@
 """Linear4bit, a drop-in nn.Linear with an NF4 weight, and quantize_model for whole models."""
-import re
-from typing import Iterable
 
 import torch
 from torch import nn
 
 from . import _ops  # noqa: F401  (the ops' fake kernels, for torch.compile)
+from .naming import matches
 from .tensor import NF4Weight, quantize
 
 # NF4Weight tensor field -> parameter name on the module. They are frozen nn.Parameters (not buffers) so
@@ -169,20 +168,15 @@ class Linear4bit(nn.Module):
                     unexpected_keys.append(k)
 
 
-def _matches(name: str, patterns: Iterable[str]) -> bool:
-    return any(name == p or name.endswith("." + p) or re.fullmatch(p, name) for p in patterns)
-
-
 def quantize_model(model: nn.Module, skip=("lm_head",), progress: bool = True, compute_dtype=None,
                    blocksize: int = 64, double_quant: bool = True, nested_map="fp8_e4m3") -> nn.Module:
-    """Replace every nn.Linear of `model` (in place) by a Linear4bit, except modules whose name ends with or
-    fully matches (regex) one of `skip`. Returns the model."""
+    """Replace every nn.Linear of `model` (in place) by a Linear4bit, except the modules `skip` selects
+    (nf4q.naming.matches: a list of names or dotted name suffixes, or one regex matching the whole name).
+    Returns the model."""
     from tqdm.auto import tqdm
 
-    if isinstance(skip, str):
-        skip = (skip,)
     targets = [(name, m) for name, m in model.named_modules()
-               if isinstance(m, nn.Linear) and not isinstance(m, Linear4bit) and not _matches(name, skip)]
+               if isinstance(m, nn.Linear) and not isinstance(m, Linear4bit) and not matches(name, skip)]
     for name, linear in tqdm(targets, desc="quantizing to NF4", disable=not progress, unit="layer"):
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model

@@ -14,7 +14,8 @@ import torch
 from torch import nn
 
 from .checkpoint import _DTYPES, _model_class, _offline, _params_on_meta, load_quantized
-from .linear import Linear4bit, _matches
+from .linear import Linear4bit
+from .naming import matches
 from .tensor import FormatError, quantize
 
 INDEX_NAME = "model.safetensors.index.json"
@@ -92,7 +93,7 @@ def from_pretrained(path_or_dir: Union[str, Path], device="cuda", compute_dtype=
                     skip: Iterable[str] = ("lm_head",), blocksize: int = 64, double_quant: bool = True,
                     progress: bool = True) -> nn.Module:
     """Load a local transformers model directory (safetensors, one file or sharded) with every nn.Linear, except
-    those matching `skip` (name suffix or regex, as in quantize_model), quantized to NF4 on `device`.
+    those matching `skip` (nf4q.naming.matches, as in quantize_model), quantized to NF4 on `device`.
 
     Directories that are already quantized (nf4q or bitsandbytes) go through nf4q.load_quantized. Errors in the
     files (a missing or truncated shard, a tensor of the wrong shape, one the model lacks or lacks one) raise
@@ -106,8 +107,6 @@ def from_pretrained(path_or_dir: Union[str, Path], device="cuda", compute_dtype=
     if not (path / "config.json").is_file():
         raise FileNotFoundError(f"{path} is not a transformers model directory (no config.json)")
     device = torch.device(device)
-    if isinstance(skip, str):
-        skip = (skip,)
     raw = json.loads((path / "config.json").read_text())
     if raw.get("quantization_config") is not None:
         return load_quantized(path, device=device, compute_dtype=compute_dtype)
@@ -120,7 +119,7 @@ def from_pretrained(path_or_dir: Union[str, Path], device="cuda", compute_dtype=
     params = dict(model.named_parameters(remove_duplicate=False))
     buffers = dict(model.named_buffers(remove_duplicate=False))
     linears = {name: m for name, m in model.named_modules()
-               if isinstance(m, nn.Linear) and not isinstance(m, Linear4bit) and not _matches(name, skip)}
+               if isinstance(m, nn.Linear) and not isinstance(m, Linear4bit) and not matches(name, skip)}
     names = set(params) | set(buffers)
     base_prefix = getattr(model, "base_model_prefix", "") or ""
     loaded = set()

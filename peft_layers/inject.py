@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 import nf4q
+from nf4q.naming import matches
 
 from .qlora import restore_4bit_
 
@@ -50,10 +51,7 @@ def module_device(module) -> torch.device:
 
 # ---- matching ------------------------------------------------------------------------------------------
 
-def _matches_list_or_regex(name: str, targets) -> bool:
-    if isinstance(targets, str):
-        return re.fullmatch(targets, name) is not None
-    return any(name == t or name.endswith("." + t) for t in targets)
+_matches_list_or_regex = matches  # PEFT's rule, shared with nf4q.quantize_model(skip=...)
 
 
 def layer_index(name: str, layers_pattern=None) -> Optional[int]:
@@ -103,10 +101,10 @@ def find_targets(model: nn.Module, target_modules, *, layers_to_transform=None, 
         if target_modules == "all-linear":
             hit = is_linear_like(base) and name not in heads
         else:
-            hit = _matches_list_or_regex(name, target_modules)
+            hit = matches(name, target_modules)
         if not hit:
             continue
-        if exclude_modules and _matches_list_or_regex(name, exclude_modules):
+        if exclude_modules and matches(name, exclude_modules):
             continue
         if modules_to_save and any(re.match(rf"(^|.*\.){re.escape(m)}($|\..*)", name) for m in modules_to_save):
             continue
