@@ -151,10 +151,16 @@ def test_ia3_merge_into_nf4_is_within_rounding_and_unmerge_exact():
     perturb_adapter(model, scale=0.3)
     b = batch()
     out = logits(model, b)
+    layers = [m for m in model.get_base_model().modules() if isinstance(m, IA3Layer)]
+    assert {m.is_feedforward for m in layers} == {False, True}  # k/v scale W's rows, down_proj its columns
+    expect = [nf4q.quantize(m.base_layer.dequantize(torch.float32) * m.ia3_l["default"].float()).dequantize()
+              for m in layers]
     with pytest.warns(UserWarning, match="requantiz"):
         model.merge_adapter()
     merged = logits(model, b)
     assert 0 < (merged - out).norm() / out.norm() < 0.1
+    for m, w in zip(layers, expect):  # exactly one NF4 rounding of l ⊙ W, on the right axis
+        assert torch.equal(m.base_layer.dequantize(), w)
     model.unmerge_adapter()
     torch.testing.assert_close(logits(model, b), out, rtol=0, atol=0)
 

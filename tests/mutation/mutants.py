@@ -86,7 +86,7 @@ def load():
     """Import everything the mutants patch, so that install() sees every binding."""
     for name in ("nf4q", "nf4q._reference", "nf4q.tensor", "nf4q.linear", "nf4q.codebook", "nf4q.optim",
                  "nf4q.optim.adamw", "nf4q.optim.reference", "peft_layers", "peft_layers.qlora",
-                 "peft_layers.lora", "peft_layers.forgetting"):
+                 "peft_layers.lora", "peft_layers.forgetting", "peft_layers.ia3"):
         importlib.import_module(name)
 
 
@@ -394,3 +394,11 @@ def _():
 def _():
     from nf4q import tensor
     edit_in_place(tensor.quantize, "(absmax - offset, table, NESTED_BLOCKSIZE)", "(absmax - offset, table, 128)")
+
+
+@mutant("ia3.merge_wrong_axis", ["tests/test_peft_methods.py"],
+        "IA3 merge scales W's columns where the forward scales its outputs (rows), and vice versa")
+def _():
+    from peft_layers import ia3
+    edit_in_place(ia3.IA3Layer._weight_scale, "return l.t() if self.fan_in_fan_out else l",
+                  "return l if self.fan_in_fan_out else l.t()")
