@@ -102,8 +102,8 @@ def main():
                 rows.append(row)
                 print({k: (round(v, 2) if isinstance(v, float) else v) for k, v in row.items()}, flush=True)
                 del x, gy
-            del A, B
-        del W, base
+            A = B = None  # noqa: F841 (frees them before the next rank)
+        W = base = None  # noqa: F841
         torch.cuda.empty_cache()
     write_csv(args.csv, rows)
     print(f"\n## bench_qlora: one layer forward + backward (dx, dA, dB), bf16, NF4 + double quant, blocksize 64, "

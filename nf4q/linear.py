@@ -9,7 +9,8 @@ from .tensor import NF4Weight, quantize
 
 # NF4Weight tensor field -> parameter name on the module. They are frozen nn.Parameters (not buffers) so
 # that FSDP2 can shard them and `module.to(device)` moves them.
-_PARAMS = {"packed": "weight", "absmax": "weight_absmax", "code": "weight_code", "nested_absmax": "weight_nested_absmax",
+_PARAMS = {"packed": "weight", "absmax": "weight_absmax", "code": "weight_code",
+           "nested_absmax": "weight_nested_absmax",
            "nested_code": "weight_nested_code", "nested_offset": "weight_nested_offset"}
 
 

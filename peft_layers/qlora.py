@@ -14,7 +14,7 @@ import nf4q
 NF4_MAX_ROUNDING = 0.1519
 
 REQUANT_WARNING = ("merging into an NF4 weight dequantizes, adds and requantizes it: outputs change by the NF4 "
-                   "rounding error (each weight moves by up to {:.4f} x its block absmax)".format(NF4_MAX_ROUNDING))
+                   f"rounding error (each weight moves by up to {NF4_MAX_ROUNDING:.4f} x its block absmax)")
 
 
 # ---- LoRA math shared by every LoRA layer -------------------------------------------------------------
@@ -136,7 +136,7 @@ class QLoRALinear(nn.Module):
     @torch.no_grad()
     def merge(self, safe_merge: bool = False) -> None:
         if self.merged:
-            warnings.warn("QLoRALinear is already merged; nothing to do")
+            warnings.warn("QLoRALinear is already merged; nothing to do", stacklevel=2)
             return
         delta = self.delta_weight()
         self._premerge = requantize_4bit_(self.base_layer, lambda w: w + delta, safe_merge, "the LoRA update")
@@ -145,7 +145,7 @@ class QLoRALinear(nn.Module):
     @torch.no_grad()
     def unmerge(self) -> None:
         if not self.merged:
-            warnings.warn("QLoRALinear is not merged; nothing to do")
+            warnings.warn("QLoRALinear is not merged; nothing to do", stacklevel=2)
             return
         restore_4bit_(self.base_layer, self._premerge)
         self._premerge, self.merged = None, False

@@ -60,7 +60,8 @@ def test_keep_rate_and_independence():
     assert abs((keep != other).float().mean().item() - 2 * p * (1 - p)) < 2e-3
     # the kept values are scaled by 1 / (1 - p): the mean is preserved
     x = torch.randn(n)
-    assert abs(ops.lora_dropout(x, p, 7).double().sum().item() - x.double().sum().item()) < 5 * math.sqrt(n * p / (1 - p))
+    spread = 5 * math.sqrt(n * p / (1 - p))  # 5 sigma of the sum of the dropped-and-rescaled noise
+    assert abs(ops.lora_dropout(x, p, 7).double().sum().item() - x.double().sum().item()) < spread
 
 
 def test_lora_dropout_rejects_bad_p():
@@ -225,9 +226,12 @@ def test_kernel_launches_per_forward_backward(M):
             p.grad = None  # no gradient accumulation kernels
         f().backward(g)
 
-    plain = lambda: x @ w.t() + q.scaling * ((x @ A.t()) @ B.t())  # noqa: E731
-    for f in (plain, q, plain, q):  # warm-up
-        run(lambda: f(x) if f is q else f())
+    def plain():
+        return x @ w.t() + q.scaling * ((x @ A.t()) @ B.t())
+
+    for _ in range(2):  # warm-up
+        run(plain)
+        run(lambda: q(x))
     base = _cuda_kernels(lambda: run(plain))
     ours = _cuda_kernels(lambda: run(lambda: q(x)))
     print(f"M={M}: plain torch {len(base)} kernels: {base}\nnf4q {len(ours)} kernels: {ours}")
