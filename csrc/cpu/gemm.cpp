@@ -85,42 +85,11 @@ at::Tensor gemm_4bit_dx(const at::Tensor& grad, NF4Q_W4_PARAMS) {
   return out;
 }
 
-void check_lora(const W4& w, const at::Tensor& A, const at::Tensor& B, const at::Tensor& x) {
-  TORCH_CHECK(A.dim() == 2 && B.dim() == 2 && A.size(0) == B.size(1), "nf4q: lora_A [r, K] and lora_B [N, r] must share r");
-  TORCH_CHECK(A.size(1) == w.cols() && B.size(0) == w.rows(), "nf4q: lora_A must be [r, ", w.cols(),
-              "] and lora_B [", w.rows(), ", r]");
-  TORCH_CHECK(A.device() == x.device() && B.device() == x.device(), "nf4q: LoRA weights must be on the input's device");
-}
-
-at::Tensor lora_gemm_4bit(const at::Tensor& x, NF4Q_W4_PARAMS, const c10::optional<at::Tensor>& bias,
-                          const at::Tensor& lora_A, const at::Tensor& lora_B, double scale) {
-  auto w = make_w4(NF4Q_W4_ARGS);
-  check_matmul(x, w, w.cols(), "lora_gemm_4bit");
-  check_lora(w, lora_A, lora_B, x);
-  auto y = gemm_4bit(x, NF4Q_W4_ARGS, bias).to(at::kFloat);
-  auto xa = at::matmul(x.to(at::kFloat), lora_A.to(at::kFloat).t());
-  y.add_(at::matmul(xa, lora_B.to(at::kFloat).t()), scale);
-  return y.to(x.scalar_type());
-}
-
-at::Tensor lora_gemm_4bit_dx(const at::Tensor& grad, NF4Q_W4_PARAMS, const at::Tensor& lora_A,
-                             const at::Tensor& lora_B, double scale) {
-  auto w = make_w4(NF4Q_W4_ARGS);
-  check_matmul(grad, w, w.rows(), "lora_gemm_4bit_dx");
-  check_lora(w, lora_A, lora_B, grad);
-  auto dx = gemm_4bit_dx(grad, NF4Q_W4_ARGS).to(at::kFloat);
-  auto gb = at::matmul(grad.to(at::kFloat), lora_B.to(at::kFloat));
-  dx.add_(at::matmul(gb, lora_A.to(at::kFloat)), scale);
-  return dx.to(grad.scalar_type());
-}
-
 }  // namespace
 
 TORCH_LIBRARY_IMPL(nf4q, CPU, m) {
   m.impl("gemm_4bit", &gemm_4bit);
   m.impl("gemm_4bit_dx", &gemm_4bit_dx);
-  m.impl("lora_gemm_4bit", &lora_gemm_4bit);
-  m.impl("lora_gemm_4bit_dx", &lora_gemm_4bit_dx);
 }
 
 }  // namespace nf4q::cpu
