@@ -12,6 +12,7 @@ nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=c
 # The lent H200 image sets CXX=/opt/gcc/bin/g++, a wrapper whose builds turn every TORCH_CHECK failure inside
 # nf4q._C into a SIGSEGV instead of a Python RuntimeError (measured: the same source built with /usr/bin/g++
 # raises cleanly, and all bad-input tests pass). Use the distribution compiler when it is there.
+IMAGE_CXX=${CXX:-c++}  # the image's own compiler, for the `compiler` stage (scripts/check_compiler.sh)
 if [ -x /usr/bin/g++ ] && [ "${CXX:-}" != /usr/bin/g++ ]; then export CC=/usr/bin/gcc CXX=/usr/bin/g++; fi
 t0=$(date +%s)
 MAX_JOBS=${MAX_JOBS:-16} TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} \
@@ -22,7 +23,7 @@ step() {  # name, seconds, command...: run with a time limit, log to $OUT/name.l
   timeout "$limit" "$@" > "$OUT/$name.log" 2>&1; echo "== $name: exit $? after $SECONDS s"; tail -n "${TAIL:-3}" "$OUT/$name.log"
 }
 # STAGES picks what runs after the build (default: all, in this order).
-STAGES=${STAGES:-"tests memory_table bench_qlora bench_dequant bench_linear bench_train"}
+STAGES=${STAGES:-"tests memory_table bench_qlora bench_dequant bench_linear bench_train bench_multilora"}
 for stage in $STAGES; do
   case $stage in
     tests) step tests ${TEST_LIMIT:-300} python3 -m pytest -q -p no:cacheprovider ${TESTS:-tests/test_bad_input.py \
@@ -34,5 +35,7 @@ for stage in $STAGES; do
     bench_dequant) TAIL=8 step bench_dequant 40 python3 -m benchmarks.bench_dequant ;;
     bench_linear) TAIL=40 step bench_linear ${LINEAR_LIMIT:-200} python3 -m benchmarks.bench_linear ${LINEAR_ARGS:-} ;;
     bench_train) TAIL=40 step bench_train ${TRAIN_LIMIT:-400} python3 -m benchmarks.bench_train ${TRAIN_ARGS:-} ;;
+    bench_multilora) TAIL=20 step bench_multilora ${MULTILORA_LIMIT:-120} python3 -m benchmarks.bench_multilora ;;
+    compiler) TAIL=40 step compiler 120 env CC= CXX="${IMAGE_CXX:-c++}" bash scripts/check_compiler.sh ;;
   esac
 done
