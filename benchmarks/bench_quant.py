@@ -3,32 +3,23 @@
     python -m benchmarks.bench_quant [--device cpu|cuda] [--shape 4096 4096] [--csv PATH]
 
 GB/s counts the bytes of the unquantized side (the input of quantize, the output of dequantize), as the
-issue's anchors do. NF4 with double quantization, blocksize 64. The CPU timer is the median of `reps`
-perf_counter runs after a warm-up; the GPU timer is triton's do_bench median.
+issue's anchors do. NF4 with double quantization, blocksize 64. The CPU timer is the fastest of `reps`
+perf_counter runs after a warm-up (utils.cpu_bench_us); the GPU timer is triton's do_bench median.
 """
 import argparse
 import platform
-import statistics
-import time
+import os
 
 import torch
 
 import nf4q
 from nf4q import _reference as ref
 
-from .utils import bench_us, write_csv
+from .utils import bench_us, cpu_bench_us, with_env, write_csv
 
 
 def _time_ms(fn, device, reps):
-    if device == "cuda":
-        return bench_us(fn) / 1e3
-    fn()  # warm-up
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
+    return bench_us(fn) / 1e3 if device == "cuda" else cpu_bench_us(fn, reps) / 1e3
 
 
 def _bnb():
@@ -39,7 +30,7 @@ def _bnb():
     return F
 
 
-def run(device="cpu", shape=(4096, 4096), dtype=torch.float32, reps=5):
+def run(device="cpu", shape=(4096, 4096), dtype=torch.float32, reps=9):
     torch.manual_seed(0)
     w = torch.randn(*shape, device=device, dtype=dtype)
     nbytes = w.numel() * w.element_size()
@@ -57,6 +48,9 @@ def run(device="cpu", shape=(4096, 4096), dtype=torch.float32, reps=5):
     out = torch.empty(shape, device=device, dtype=dtype)
     add("nf4q", "dequantize .out (reused buffer)",
         lambda: torch.ops.nf4q.dequantize_4bit.out(*qw.op_args(), dtype, out=out))
+    if device == "cpu":  # each SIMD variant of the CPU decode, forced (those the CPU lacks fall back)
+        for isa in ("scalar", "avx2", "avx512"):
+            add("nf4q", f"dequantize ({isa})", with_env("NF4Q_CPU_ISA", isa, lambda: qw.dequantize()))
     F = _bnb()
     if F is not None:
         try:
@@ -80,7 +74,9 @@ def main(argv=None):
     p.add_argument("--csv", help="also write the rows to this CSV file")
     args = p.parse_args(argv)
     rows = run(args.device, tuple(args.shape), getattr(torch, args.dtype))
-    hw = torch.cuda.get_device_name() if args.device == "cuda" else f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
+    hw = (torch.cuda.get_device_name() if args.device == "cuda" else
+          f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, load average "
+          f"{os.getloadavg()[0]:.2f}")
     print(f"\nNF4+DQ quantize/dequantize, {args.shape[0]}x{args.shape[1]} {args.dtype}, {hw}, torch {torch.__version__}")
     print("| impl | op | ms | GB/s |\n|---|---|---:|---:|")
     for r in rows:
