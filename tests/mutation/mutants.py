@@ -187,7 +187,20 @@ def _():
 @mutant("kernel.lora_gemm_dx_no_lora", ["tests/test_qlora.py", "tests/test_peft_lora.py"],
         "the fused NF4+LoRA backward returns dx of the base weight only")
 def _():
-    kernel("lora_gemm_4bit_dx", _by_schema("lora_gemm_4bit_dx", _ref().lora_gemm_4bit_dx, scale=0.0))
+    R = _ref()
+    kernel("lora_gemm_4bit_dx", _by_schema("lora_gemm_4bit_dx", R.lora_gemm_4bit_dx, scale=0.0))
+    try:  # the fused backward (dx, dA, dB in one op), where it exists, is what autograd calls
+        names = [a.name for a in torch.ops.nf4q.lora_gemm_4bit_backward.default._schema.arguments]
+    except AttributeError:
+        return
+
+    def backward(grad, x, *args):
+        w4, named = args[:9], dict(zip(names[11:], args[9:]))
+        mask = named.pop("output_mask")
+        _, dA, dB = R.lora_gemm_4bit_backward(grad, x, *w4, **named)
+        outs = (R.gemm_4bit_dx(grad, *w4).to(grad.dtype), dA.to(named["lora_A"].dtype), dB.to(named["lora_B"].dtype))
+        return tuple(o if m else grad.new_empty((0,)) for o, m in zip(outs, mask))
+    kernel("lora_gemm_4bit_backward", backward)
 
 
 @mutant("kernel.quant8_ties_up", ["tests/test_quant_cpu.py"],
