@@ -19,8 +19,16 @@ import torch
 import torch.nn.functional as F
 
 import nf4q
-from benchmarks.utils import (COPY_GBPS, bench_us, bnb_or_none, cpu_bench_us, environment, markdown_table,
-                              with_env, write_csv)
+from benchmarks.utils import (
+    COPY_GBPS,
+    bench_us,
+    bnb_or_none,
+    cpu_bench_us,
+    environment,
+    markdown_table,
+    with_env,
+    write_csv,
+)
 
 SHAPES = [  # (name, N, K)
     ("8B q/o", 4096, 4096), ("8B gate/up", 14336, 4096), ("8B down", 4096, 14336),
@@ -100,7 +108,8 @@ def cpu_main(args):
           f"{torch.get_num_threads()} threads, torch {torch.__version__}\n")
     print(markdown_table(rows, [("shape", "shape (N x K)", 0), ("M", "M", 0), ("fp32_us", "dense fp32 µs", 0),
                                 ("bf16_us", "dense bf16 µs", 0), ("int4_us", "torch int4 µs", 0),
-                                ("bnb_us", "bnb µs", 0), ("nf4q_us", "nf4q µs", 0), ("nf4q_bf16_us", "nf4q bf16-x µs", 0),
+                                ("bnb_us", "bnb µs", 0), ("nf4q_us", "nf4q µs", 0),
+                                ("nf4q_bf16_us", "nf4q bf16-x µs", 0),
                                 ("vs_fp32", "× fp32", 2), ("vs_int4", "× int4", 2), ("fused_us", "fused µs", 0),
                                 ("panel_us", "panel µs", 0)]))
 
@@ -128,7 +137,7 @@ def main():
         for M in ms:
             x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
             nf = lambda: torch.ops.nf4q.gemm_4bit(x, *w4, None)  # noqa: E731
-            r = {"shape": f"{name} {N}x{K}", "M": M, "bf16_us": bench_us(lambda: F.linear(x, W)),
+            r = {"shape": f"{name} {N}x{K}", "M": M, "bf16_us": bench_us(lambda: F.linear(x, W)),  # noqa: F821 (runs before the del)
                  "nf4q_us": bench_us(nf)}
             if bnb is not None:
                 r["bnb_us"] = bench_us(lambda: bnb.matmul_4bit(x, bq.t(), quant_state=bstate))

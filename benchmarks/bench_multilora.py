@@ -18,8 +18,7 @@ import torch
 from torch import nn
 
 import nf4q
-from peft_layers import LoRAConfig, LoRALayer
-from peft_layers import multi_lora
+from peft_layers import LoRAConfig, LoRALayer, multi_lora
 
 SHAPES = [(4096, 4096), (4096, 14336)]  # (in, out)
 ROWS, RANK, ADAPTERS = 32, 16, 32
@@ -75,17 +74,17 @@ def main():
         layer = build_layer(k, n, device, dtype)
         x = torch.randn(ROWS, args.tokens, k, device=device, dtype=dtype).squeeze(1)
         with torch.no_grad():
-            t_base = timer(lambda: layer.base_layer(x))
+            t_base = timer(lambda: layer.base_layer(x))  # noqa: F821 (the timers run before the del below)
             layer.set_adapter("a0")
-            t_one = timer(lambda: layer(x))
+            t_one = timer(lambda: layer(x))  # noqa: F821
             for d in DISTINCT:
                 names = [f"a{i % d}" for i in range(ROWS)]
                 groups = multi_lora.RowGroups(names)
                 got = multi_lora.mixed_forward(layer, x, groups)
                 ref = multi_lora.loop_forward(layer, x, names)
                 err = (got.float() - ref.float()).abs().max().item()
-                t_mixed = timer(lambda: multi_lora.mixed_forward(layer, x, multi_lora.RowGroups(names)))
-                t_loop = timer(lambda: multi_lora.loop_forward(layer, x, names))
+                t_mixed = timer(lambda: multi_lora.mixed_forward(layer, x, multi_lora.RowGroups(names)))  # noqa: F821
+                t_loop = timer(lambda: multi_lora.loop_forward(layer, x, names))  # noqa: F821
                 rows.append({"K": k, "N": n, "rows": ROWS, "tokens": args.tokens, "r": RANK, "distinct": d,
                              "base_us": t_base, "one_us": t_one, "batched_us": t_mixed, "loop_us": t_loop,
                              "x_one": t_mixed / t_one, "loop_x": t_loop / t_mixed, "max_err": err})

@@ -7,8 +7,8 @@ issue's anchors do. NF4 with double quantization, blocksize 64. The CPU timer is
 perf_counter runs after a warm-up (utils.cpu_bench_us); the GPU timer is triton's do_bench median.
 """
 import argparse
-import platform
 import os
+import platform
 
 import torch
 
@@ -77,7 +77,8 @@ def main(argv=None):
     hw = (torch.cuda.get_device_name() if args.device == "cuda" else
           f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, load average "
           f"{os.getloadavg()[0]:.2f}")
-    print(f"\nNF4+DQ quantize/dequantize, {args.shape[0]}x{args.shape[1]} {args.dtype}, {hw}, torch {torch.__version__}")
+    print(f"\nNF4+DQ quantize/dequantize, {args.shape[0]}x{args.shape[1]} {args.dtype}, {hw}, "
+          f"torch {torch.__version__}")
     print("| impl | op | ms | GB/s |\n|---|---|---:|---:|")
     for r in rows:
         print(f"| {r['impl']} | {r['op']} | {r['ms']:.2f} | {r['gbps']:.2f} |")

@@ -248,7 +248,8 @@ def markdown(rows):
             peak += f" + {_gib(r['paged_state_bytes'])} paged"
         nf4 = f"{r['nf4_B_per_param']:.3f}" if r["nf4_B_per_param"] else ""
         lines.append(f"| {r['model']} | {r['mode']} | {r['params'] / 1e6:,.1f}M | {r['trainable'] / 1e6:,.2f}M | "
-                     f"{_gib(r['weight_bytes'])} | {r['weight_B_per_param']:.3f} ({r['analytic_weight_B_per_param']:.3f})"
+                     f"{_gib(r['weight_bytes'])} | {r['weight_B_per_param']:.3f} "
+                     f"({r['analytic_weight_B_per_param']:.3f})"
                      f" | {nf4} | {r['static_B_per_param']:.3f} ({r['analytic_B_per_param']:.3f}) | "
                      f"{_gib(r['activation_bytes'])} | {peak} | {r['optimizer']} |")
     return "\n".join(lines)

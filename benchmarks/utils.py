@@ -58,7 +58,8 @@ def environment():
     """One markdown line per fact that the numbers depend on."""
     bnb = bnb_or_none()
     gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "no GPU"
-    lines = [f"- GPU: {gpu}", f"- torch {torch.__version__}, CUDA {torch.version.cuda}, Python {platform.python_version()}",
+    lines = [f"- GPU: {gpu}",
+             f"- torch {torch.__version__}, CUDA {torch.version.cuda}, Python {platform.python_version()}",
              f"- bitsandbytes {bnb.__version__ if bnb else 'not available'}",
              f"- timer: triton.testing.do_bench median, L2 flushed; ceilings: copy {COPY_GBPS:.0f} GB/s, "
              f"bf16 GEMM {BF16_TFLOPS:.0f} TFLOP/s"]

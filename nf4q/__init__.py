@@ -1,12 +1,15 @@
 """nf4q: 4-bit NormalFloat quantization with C++/CUDA kernels, a drop-in Linear4bit and paged optimizers."""
 import torch  # noqa: F401  (the extension links against libc10: torch must be loaded first)
-from . import _C  # noqa: F401  (loads the compiled ops first)
-from . import _ops
+
+from . import (
+    _C,  # noqa: F401  (loads the compiled ops first)
+    _ops,
+    optim,
+)
+from .checkpoint import load_quantized, save_quantized
 from .codebook import dynamic_map, fp8_e4m3_map, nested_map, nf4_code
 from .linear import Linear4bit, quantize_model
-from .checkpoint import load_quantized, save_quantized
 from .loading import from_pretrained
-from . import optim
 from .tensor import FormatError, NF4Weight, dequantize, quantize
 
 __version__ = "0.1.0"

@@ -4,7 +4,7 @@ NF4 (QLoRA, Dettmers et al. 2023): quantiles of N(0, 1) at evenly spaced probabi
 0.9677083, eight on the positive side and seven on the negative, plus an exact zero, normalised so the
 ends are exactly ±1. Derived here with scipy and equal to bitsandbytes' table bit for bit (tested).
 """
-from functools import lru_cache
+from functools import cache
 
 import torch
 from scipy.stats import norm
@@ -12,7 +12,7 @@ from scipy.stats import norm
 NF4_OFFSET = 0.9677083
 
 
-@lru_cache(maxsize=None)
+@cache
 def _nf4_cpu() -> torch.Tensor:
     # fp32 probabilities as QLoRA computes them, quantiles in fp64, table rounded to fp32, then normalised.
     pos = norm.ppf(torch.linspace(NF4_OFFSET, 0.5, 9)[:-1].numpy()).tolist()
@@ -26,14 +26,14 @@ def nf4_code(device=None) -> torch.Tensor:
     return _nf4_cpu().to(device) if device is not None else _nf4_cpu().clone()
 
 
-@lru_cache(maxsize=None)
+@cache
 def _fp8_e4m3_cpu() -> torch.Tensor:
     values = torch.arange(256, dtype=torch.int32).to(torch.uint8).view(torch.float8_e4m3fn).float()
     values = torch.nan_to_num(values, nan=0.0)  # the two NaN patterns become spare zeros
     return (values / values.abs().max()).sort().values
 
 
-@lru_cache(maxsize=None)
+@cache
 def _dynamic_cpu() -> torch.Tensor:
     # The signed "dynamic" map of the 8-bit optimizers paper (7 exponent bits, as bitsandbytes builds it):
     # for each decade 10^(i-6), 2^i evenly spaced mantissas between 0.1 and 1, both signs, plus 0 and 1.

@@ -143,7 +143,8 @@ class NF4Weight:
         double_quant = prefix + "weight.nested_absmax" in sd
         if double_quant != ("nested_offset" in meta):
             raise FormatError(f"{prefix + QS_KEY!r}: the JSON {'lacks' if double_quant else 'has'} the nested fields "
-                              f"but the state dict {'has' if double_quant else 'lacks'} {prefix + 'weight.nested_absmax'!r}")
+                              f"but the state dict {'has' if double_quant else 'lacks'} "
+                              f"{prefix + 'weight.nested_absmax'!r}")
         expect = [(packed, "weight", torch.uint8, (n + 1) // 2),
                   (get("weight.quant_map"), "weight.quant_map", torch.float32, 16)]
         kw = {}
@@ -223,7 +224,8 @@ def _read_quant_state(blob: torch.Tensor, key: str) -> dict:
     nested = [f for f in ("nested_blocksize", "nested_offset") if f in meta]
     if nested:
         if len(nested) != 2:
-            raise FormatError(f"{key!r}: fields 'nested_blocksize' and 'nested_offset' come together; only {nested[0]!r}")
+            raise FormatError(f"{key!r}: fields 'nested_blocksize' and 'nested_offset' come together; "
+                              f"only {nested[0]!r}")
         out["nested_blocksize"] = integer("nested_blocksize", 1, _INT32_MAX)
         off = meta["nested_offset"]
         if not isinstance(off, (int, float)) or isinstance(off, bool):

@@ -3,9 +3,16 @@ tuning, IA³), reading and writing Hugging Face PEFT's adapter files."""
 import torch as _torch  # noqa: F401  (nf4q's extension needs torch loaded first)
 
 from .adapters import BottleneckAdapterLayer
+from .config import (
+    AdapterConfig,
+    IA3Config,
+    LoRAConfig,
+    PeftConfig,
+    PrefixTuningConfig,
+    PromptLearningConfig,
+    PromptTuningConfig,
+)
 from .forgetting import EWC, ReplayBuffer
-from .config import (AdapterConfig, IA3Config, LoRAConfig, PeftConfig, PrefixTuningConfig, PromptLearningConfig,
-                     PromptTuningConfig)
 from .ia3 import IA3Layer
 from .inject import ModulesToSaveWrapper, TunerLayer
 from .io import read_config, read_weights

@@ -8,8 +8,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import AdapterConfig
-from .inject import (TunerLayer, adapter_dtype, find_targets, in_out_features, is_linear_like, module_device,
-                     wrap_or_extend)
+from .inject import (
+    TunerLayer,
+    adapter_dtype,
+    find_targets,
+    in_out_features,
+    is_linear_like,
+    module_device,
+    wrap_or_extend,
+)
 
 _ACTIVATIONS = {"relu": F.relu, "swish": F.silu, "gelu": F.gelu}
 

@@ -114,7 +114,8 @@ class LoRAConfig(PeftConfig):
     _ALIASES: ClassVar[tuple] = ("init",)
     _UNSUPPORTED: ClassVar[Dict[str, object]] = {
         "rank_pattern": {}, "alpha_pattern": {}, "lora_bias": False, "layer_replication": None,
-        "target_parameters": None, "use_qalora": False, "trainable_token_indices": None, "alora_invocation_tokens": None,
+        "target_parameters": None, "use_qalora": False, "trainable_token_indices": None,
+        "alora_invocation_tokens": None,
     }
 
     r: int = 8
@@ -140,12 +141,14 @@ class LoRAConfig(PeftConfig):
                f"lora_alpha must be a positive number, got {self.lora_alpha!r}")
         _check(isinstance(self.lora_dropout, (int, float)) and 0 <= self.lora_dropout < 1,
                f"lora_dropout must be in [0, 1), got {self.lora_dropout!r}")
-        _check(self.bias in ("none", "all", "lora_only"), f"bias must be 'none', 'all' or 'lora_only', got {self.bias!r}")
+        _check(self.bias in ("none", "all", "lora_only"),
+               f"bias must be 'none', 'all' or 'lora_only', got {self.bias!r}")
         if self.init is not None:
             _check(self.init in ("default", "gaussian"), f"init must be 'default' or 'gaussian', got {self.init!r}")
             alias = True if self.init == "default" else "gaussian"
             _check(self.init_lora_weights in (True, alias),
-                   f"init={self.init!r} contradicts init_lora_weights={self.init_lora_weights!r}; use init_lora_weights")
+                   f"init={self.init!r} contradicts init_lora_weights={self.init_lora_weights!r}; "
+                   "use init_lora_weights")
             self.init_lora_weights, self.init = alias, None
         _check(valid_init(self.init_lora_weights),
                f"init_lora_weights must be True, False, 'gaussian', 'pissa', 'pissa_niter_<n>', 'olora' or 'loftq', "

@@ -9,8 +9,16 @@ from torch import nn
 import nf4q
 
 from .config import IA3Config
-from .inject import (TunerLayer, _matches_list_or_regex, adapter_dtype, find_targets, in_out_features, is_conv1d,
-                     module_device, wrap_or_extend)
+from .inject import (
+    TunerLayer,
+    _matches_list_or_regex,
+    adapter_dtype,
+    find_targets,
+    in_out_features,
+    is_conv1d,
+    module_device,
+    wrap_or_extend,
+)
 from .qlora import requantize_4bit_
 
 # PEFT's defaults when target_modules / feedforward_modules are None, by model_type
@@ -67,31 +75,36 @@ class IA3Layer(TunerLayer):
     # ---- merging: scale W's columns (feed-forward) or rows and bias ----------------------------------------
     def _weight_scale(self, name: str) -> torch.Tensor:
         """l shaped to broadcast against the base weight's layout."""
-        l = self.ia3_l[name].float()  # [out, 1] or [1, in], matching W [out, in]
-        return l.t() if self.fan_in_fan_out else l
+        vec = self.ia3_l[name].float()  # [out, 1] or [1, in], matching W [out, in]
+        return vec.t() if self.fan_in_fan_out else vec
 
     @torch.no_grad()
     def merge(self, safe_merge: bool = False, adapter_names: Optional[List[str]] = None) -> None:
         for name in [n for n in (adapter_names or [self.active_adapter]) if n not in self.merged_adapters]:
             scale = self._weight_scale(name)
             bias = getattr(self.base_layer, "bias", None)
-            new_bias = None if (self.is_feedforward or bias is None) else bias.float() * self.ia3_l[name].float().flatten()
+            new_bias = (None if (self.is_feedforward or bias is None)
+                        else bias.float() * self.ia3_l[name].float().flatten())
             if safe_merge and new_bias is not None and not bool(torch.isfinite(new_bias).all()):
                 raise ValueError(f"merging IA3 adapter {name!r} produced non-finite biases; the adapter seems broken")
             if self.is_4bit:
-                old = requantize_4bit_(self.base_layer, lambda w: w * scale, safe_merge, f"IA3 adapter {name!r}")
-                self._premerge = self._premerge if self._premerge is not None else (old, bias.clone() if bias is not None else None)
+                old = requantize_4bit_(self.base_layer, lambda w: w * scale,  # noqa: B023 (called right here)
+                                       safe_merge, f"IA3 adapter {name!r}")
+                if self._premerge is None:
+                    self._premerge = (old, bias.clone() if bias is not None else None)
             else:
                 weight = self.base_layer.weight
                 merged = weight.float() * scale
                 if safe_merge and not bool(torch.isfinite(merged).all()):
-                    raise ValueError(f"merging IA3 adapter {name!r} produced non-finite weights; the adapter seems broken")
+                    raise ValueError(f"merging IA3 adapter {name!r} produced non-finite weights; "
+                                     "the adapter seems broken")
                 weight.copy_(merged.to(weight.dtype))
             if new_bias is not None:
                 bias.copy_(new_bias.to(bias.dtype))
             self.merged_adapters.append(name)
 
-    def _unmerge_one(self, name: str) -> None:  # division is exact enough in fp32 for vectors near one; PEFT does the same
+    def _unmerge_one(self, name: str) -> None:
+        # division is exact enough in fp32 for vectors near one; PEFT does the same
         weight = self.base_layer.weight
         weight.copy_((weight.float() / self._weight_scale(name)).to(weight.dtype))
         bias = getattr(self.base_layer, "bias", None)

@@ -11,8 +11,16 @@ import nf4q
 
 from . import dora, loftq, multi_lora
 from .config import LoRAConfig
-from .inject import (TunerLayer, adapter_dtype, find_targets, in_out_features, is_conv1d, module_device, tuner_layers,
-                     wrap_or_extend)
+from .inject import (
+    TunerLayer,
+    adapter_dtype,
+    find_targets,
+    in_out_features,
+    is_conv1d,
+    module_device,
+    tuner_layers,
+    wrap_or_extend,
+)
 from .qlora import lora_forward_4bit, lora_scaling, make_lora_pair, requantize_4bit_
 
 # PEFT's defaults when target_modules is None, by model_type
@@ -123,7 +131,8 @@ class LoRALayer(TunerLayer):
     # ---- merging -------------------------------------------------------------------------------------
     def delta_weight(self, adapter_name: str) -> torch.Tensor:
         """s·B·A in fp32, in the base weight's layout ([out, in], or [in, out] for Conv1D)."""
-        d = self.scaling[adapter_name] * (self.lora_B[adapter_name].weight.float() @ self.lora_A[adapter_name].weight.float())
+        d = self.scaling[adapter_name] * (self.lora_B[adapter_name].weight.float()
+                                          @ self.lora_A[adapter_name].weight.float())
         return d.t() if self.fan_in_fan_out else d
 
     def _merged_weight(self, name: str, w: torch.Tensor) -> torch.Tensor:
@@ -162,14 +171,16 @@ class LoRALayer(TunerLayer):
             if name not in self.lora_A:
                 raise ValueError(f"unknown adapter {name!r}; this layer has {self.adapter_names()}")
             if self.is_4bit:
-                old = requantize_4bit_(self.base_layer, lambda w: self._merged_weight(name, w), safe_merge,
+                old = requantize_4bit_(self.base_layer, lambda w: self._merged_weight(name, w),  # noqa: B023
+                                       safe_merge,
                                        f"LoRA adapter {name!r}")
                 self._premerge = self._premerge if self._premerge is not None else (old, None)
             else:
                 weight = self.base_layer.weight
                 merged = self._merged_weight(name, weight.float())
                 if safe_merge and not bool(torch.isfinite(merged).all()):
-                    raise ValueError(f"merging LoRA adapter {name!r} produced non-finite weights; the adapter seems broken")
+                    raise ValueError(f"merging LoRA adapter {name!r} produced non-finite weights; "
+                                     "the adapter seems broken")
                 weight.copy_(merged.to(weight.dtype))
             self.merged_adapters.append(name)
 

@@ -13,10 +13,19 @@ import nf4q
 from . import adapters, ia3, lora, multi_lora
 from .config import LoRAConfig, PeftConfig
 from .inject import save_wrappers, set_module, tuner_layers, wrap_modules_to_save
-from .prefix import PrefixEncoder, allow_checkpointing_with_cache, cache_argument, prefix_forward
-from .prefix import generation_hook as prefix_generation_hook
-from .prompt import PromptEmbedding, fill_prompt_learning_config, prompt_forward
-from .prompt import generation_hook as prompt_generation_hook
+from .prefix import (
+    PrefixEncoder,
+    allow_checkpointing_with_cache,
+    cache_argument,
+    generation_hook as prefix_generation_hook,
+    prefix_forward,
+)
+from .prompt import (
+    PromptEmbedding,
+    fill_prompt_learning_config,
+    generation_hook as prompt_generation_hook,
+    prompt_forward,
+)
 
 INJECTORS = {"LORA": lora.inject, "IA3": ia3.inject, "BOTTLENECK_ADAPTER": adapters.inject}
 _TASKS = (("ForCausalLM", "CAUSAL_LM"), ("LMHeadModel", "CAUSAL_LM"), ("ForSequenceClassification", "SEQ_CLS"),
@@ -321,7 +330,8 @@ class PeftModel(nn.Module):
             set_module(model, path, layer.base_layer)
         for path, wrapper in save_wrappers(model).items():
             keep = keep_copies and wrapper.active_adapter in wrapper.modules_to_save
-            set_module(model, path, wrapper.modules_to_save[wrapper.active_adapter] if keep else wrapper.original_module)
+            set_module(model, path,
+                       wrapper.modules_to_save[wrapper.active_adapter] if keep else wrapper.original_module)
         allow_checkpointing_with_cache(model, False)
         return model
 

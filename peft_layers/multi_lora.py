@@ -76,8 +76,8 @@ def _marks(params) -> tuple:
 
 def _stack(layer, dtype: torch.dtype, device: torch.device):
     """(slot of each adapter, A [N, r_max, in], s·B [N, out, r_max] (scaling folded in), picks) for all the
-    layer's adapters, cached on the layer. LoRALayer drops the cache when an adapter is added or deleted; each call checks
-    that no adapter weight was written in place or swapped since (`_marks`)."""
+    layer's adapters, cached on the layer. LoRALayer drops the cache when an adapter is added or deleted; each call
+    checks that no adapter weight was written in place or swapped since (`_marks`)."""
     names = tuple(layer.lora_A.keys())
     key = (names, tuple(layer.scaling[n] for n in names), dtype, device)
     cache = layer._stack_cache

@@ -1,8 +1,8 @@
 """add_weighted_adapter: a new LoRA adapter made from existing ones, with PEFT's three main combination types.
 
 "cat" is exact (Σ w_i·s_i·B_i A_i at rank Σ r_i); "linear" combines A's and B's separately with √|w_i·s_i| (PEFT's
-definition: not the weighted sum of the updates unless there is one adapter; the only choice for one adapter); "svd" truncates the SVD of the weighted
-sum of the updates to rank svd_rank (default: the largest r)."""
+definition: not the weighted sum of the updates unless there is one adapter; the only choice for one adapter);
+"svd" truncates the SVD of the weighted sum of the updates to rank svd_rank (default: the largest r)."""
 import dataclasses
 import math
 from typing import List, Optional

@@ -49,7 +49,8 @@ def runtime_libs(cxx):
     out = {}
     for lib in ("libstdc++.so.6", "libgcc_s.so.1"):
         try:
-            p = subprocess.run([cxx, f"-print-file-name={lib}"], capture_output=True, text=True, timeout=30).stdout.strip()
+            p = subprocess.run([cxx, f"-print-file-name={lib}"], capture_output=True, text=True,
+                               timeout=30).stdout.strip()
         except (OSError, subprocess.SubprocessError):
             p = ""
         out[lib] = os.path.realpath(p) if os.path.isabs(p) else None
@@ -62,7 +63,8 @@ def toolchain_facts(cxx):
     pieces), a default C++ ABI other than torch's, how it was configured."""
     facts = {}
     try:
-        so = subprocess.run([cxx, "-print-file-name=libstdc++.so"], capture_output=True, text=True, timeout=30).stdout.strip()
+        so = subprocess.run([cxx, "-print-file-name=libstdc++.so"], capture_output=True, text=True,
+                            timeout=30).stdout.strip()
         if os.path.isfile(so) and os.path.getsize(so) < 4096:
             with open(so, errors="replace") as f:
                 text = f.read()

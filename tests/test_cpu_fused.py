@@ -6,8 +6,8 @@ import pytest
 import torch
 
 import nf4q
-from nf4q import _reference as ref
 from conftest import DTYPES, randn
+from nf4q import _reference as ref
 
 
 def _cpu_flags():

@@ -23,7 +23,7 @@ WORLD, STEPS, R = 2, 3, 4
 D, HIDDEN = 64, (128, 128, 93)  # the last block has odd sizes, so FSDP pads some shards
 
 
-# ---- the model: MLP blocks of Linear4bit with peft_layers' LoRA (QLoRALinear) on both projections -----------------------------------
+# ---- the model: MLP blocks of Linear4bit with peft_layers' LoRA (QLoRALinear) on both projections -----------
 
 class Block(nn.Module):
     def __init__(self, d, h):

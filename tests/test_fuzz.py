@@ -6,7 +6,6 @@ report) or a result equal to the pure-torch reference. Never a crash, a hang or 
 CPU only, well under a minute by default (derandomized, so CI is reproducible). Nightly:
 NF4Q_FUZZ_EXAMPLES=2000 pytest tests/test_fuzz.py  (random seeds, that many examples per test).
 """
-import io
 import json
 import math
 import os
@@ -15,8 +14,13 @@ import pytest
 import torch
 
 hypothesis = pytest.importorskip("hypothesis")
-from hypothesis import HealthCheck, assume, given, settings  # noqa: E402
-from hypothesis import strategies as st  # noqa: E402
+from hypothesis import (  # noqa: E402
+    HealthCheck,
+    assume,
+    given,
+    settings,
+    strategies as st,
+)
 
 import nf4q  # noqa: E402
 from nf4q import FormatError, NF4Weight, _reference as ref  # noqa: E402

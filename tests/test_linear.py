@@ -6,8 +6,8 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 import nf4q
-from nf4q import _reference as ref
 from conftest import DTYPES, randn
+from nf4q import _reference as ref
 
 
 def rel_err(y, expect):

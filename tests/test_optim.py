@@ -8,9 +8,16 @@ import pytest
 import torch
 
 import nf4q
-from nf4q.optim import AdamW, AdamW8bit, PagedAdamW, PagedAdamW8bit, signed_map, unsigned_map
-from nf4q.optim import adamw as adamw_mod
-from nf4q.optim import reference as R
+from nf4q.optim import (
+    AdamW,
+    AdamW8bit,
+    PagedAdamW,
+    PagedAdamW8bit,
+    adamw as adamw_mod,
+    reference as R,
+    signed_map,
+    unsigned_map,
+)
 
 SHAPES = [(37,), (129, 65), (4096 + 3,), (3, 5, 7), (8192,)]
 
@@ -288,7 +295,7 @@ def test_double_params_use_the_oracle():
     p = torch.nn.Parameter(torch.randn(100, dtype=torch.float64))
     q = torch.nn.Parameter(p.detach().clone())
     o1, o2 = AdamW([p]), torch.optim.AdamW([q])
-    for t in range(3):
+    for _ in range(3):
         p.grad = q.grad = torch.randn(100, dtype=torch.float64)
         o1.step(), o2.step()
     torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)

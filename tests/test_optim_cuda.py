@@ -6,9 +6,17 @@ import gc
 import pytest
 import torch
 
-from nf4q.optim import AdamW, AdamW8bit, PagedAdamW, PagedAdamW8bit, PagedMemoryError, signed_map, unsigned_map
-from nf4q.optim import _kernels as K
-from nf4q.optim import reference as R
+from nf4q.optim import (
+    AdamW,
+    AdamW8bit,
+    PagedAdamW,
+    PagedAdamW8bit,
+    PagedMemoryError,
+    _kernels as K,
+    reference as R,
+    signed_map,
+    unsigned_map,
+)
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available() or not K.has_kernel("adamw_step", "cuda"),
                                 reason="needs a GPU and nf4q's CUDA kernels")
@@ -204,7 +212,8 @@ def test_8bit_training_on_cuda_within_2_percent():
         torch.manual_seed(0)
         model = torch.nn.Sequential(torch.nn.Linear(128, 64), torch.nn.Tanh(), torch.nn.Linear(64, 64)).cuda()
         x = torch.randn(1024, 128)
-        y = torch.tanh(x @ torch.randn(64, 128).t() / 128 ** 0.5) @ torch.randn(64, 64) / 8 + 0.3 * torch.randn(1024, 64)
+        y = (torch.tanh(x @ torch.randn(64, 128).t() / 128 ** 0.5) @ torch.randn(64, 64) / 8
+             + 0.3 * torch.randn(1024, 64))
         x, y = x.cuda(), y.cuda()
         opt = AdamW(model.parameters(), lr=1e-2, bits=bits, paged=True, gpu_budget_bytes=40_000)
         for _ in range(300):

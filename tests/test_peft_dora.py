@@ -11,10 +11,8 @@ import torch
 from torch import nn
 
 import nf4q
-from peft_helpers import (TwoLayer, batch, logits, perturb_adapter, same_weights, snapshot, tiny_gpt2, tiny_llama,
-                          train)
-from peft_layers import LoRAConfig, LoRALayer, PeftConfig, PeftModel, get_peft_model
-from peft_layers import dora, loftq
+from peft_helpers import TwoLayer, batch, logits, perturb_adapter, same_weights, snapshot, tiny_gpt2, tiny_llama, train
+from peft_layers import LoRAConfig, LoRALayer, PeftConfig, PeftModel, dora, get_peft_model, loftq
 
 HAVE_PEFT = importlib.util.find_spec("peft") is not None
 needs_peft = pytest.mark.skipif(not HAVE_PEFT, reason="the interop extra peft is not installed")
@@ -220,9 +218,11 @@ def test_pissa_olora_match_peft(how):
     ours = get_peft_model(tiny_llama(), LoRAConfig(**config)).eval()
     theirs = peft.get_peft_model(tiny_llama(), peft.LoraConfig(**config)).eval()
     mine, sd = dict(ours.named_parameters()), dict(theirs.named_parameters())
-    for name in ("model.layers.1.mlp.down_proj.base_layer.weight", "model.layers.0.self_attn.q_proj.lora_A.default.weight",
+    for name in ("model.layers.1.mlp.down_proj.base_layer.weight",
+                 "model.layers.0.self_attn.q_proj.lora_A.default.weight",
                  "model.layers.1.mlp.down_proj.lora_B.default.weight"):
-        torch.testing.assert_close(mine["base_model.model." + name], sd["base_model.model." + name], rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(mine["base_model.model." + name], sd["base_model.model." + name],
+                                   rtol=1e-4, atol=1e-5)
     b = batch()
     torch.testing.assert_close(logits(ours, b), logits(tiny_llama(), b), rtol=0, atol=ATOL)  # output kept at init
 

@@ -9,10 +9,18 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from peft_helpers import (batch, logits, perturb_adapter, same_weights, tiny_bert, tiny_gpt2, tiny_llama,
-                          train)
-from peft_layers import (AdapterConfig, IA3Config, LoRAConfig, LoRALayer, PeftModel, PrefixTuningConfig,
-                         PromptTuningConfig, get_peft_model, read_config)
+from peft_helpers import batch, logits, perturb_adapter, same_weights, tiny_bert, tiny_gpt2, tiny_llama, train
+from peft_layers import (
+    AdapterConfig,
+    IA3Config,
+    LoRAConfig,
+    LoRALayer,
+    PeftModel,
+    PrefixTuningConfig,
+    PromptTuningConfig,
+    get_peft_model,
+    read_config,
+)
 
 # Only the interchange tests need the real `peft` (the interop extra); the others run without it.
 HAVE_PEFT = importlib.util.find_spec("peft") is not None

@@ -8,8 +8,18 @@ import torch
 from torch import nn
 
 import nf4q
-from peft_helpers import (MODELS, TwoLayer, batch, changed_names, logits, perturb_adapter, snapshot, tiny_gpt2,
-                          tiny_llama, train)
+from peft_helpers import (
+    MODELS,
+    TwoLayer,
+    batch,
+    changed_names,
+    logits,
+    perturb_adapter,
+    snapshot,
+    tiny_gpt2,
+    tiny_llama,
+    train,
+)
 from peft_layers import LoRAConfig, LoRALayer, PeftConfig, QLoRALinear, get_peft_model
 from peft_layers.inject import layer_index
 

@@ -8,10 +8,27 @@ import torch
 import torch.nn.functional as F
 
 import nf4q
-from peft_helpers import (MODELS, TwoLayer, batch, changed_names, logits, perturb_adapter, snapshot, tiny_bert,
-                          tiny_llama, train)
-from peft_layers import (AdapterConfig, BottleneckAdapterLayer, IA3Config, IA3Layer, PrefixTuningConfig,
-                         PromptTuningConfig, get_peft_model)
+from peft_helpers import (
+    MODELS,
+    TwoLayer,
+    batch,
+    changed_names,
+    logits,
+    perturb_adapter,
+    snapshot,
+    tiny_bert,
+    tiny_llama,
+    train,
+)
+from peft_layers import (
+    AdapterConfig,
+    BottleneckAdapterLayer,
+    IA3Config,
+    IA3Layer,
+    PrefixTuningConfig,
+    PromptTuningConfig,
+    get_peft_model,
+)
 
 NVT = 3
 

@@ -10,8 +10,7 @@ from torch import nn
 
 import nf4q
 from peft_helpers import VOCAB, TwoLayer, batch, logits, perturb_adapter, same_weights, tiny_gpt2, tiny_llama, train
-from peft_layers import LoRAConfig, LoRALayer, PeftModel, get_peft_model
-from peft_layers import multi_lora
+from peft_layers import LoRAConfig, LoRALayer, get_peft_model, multi_lora
 
 HAVE_PEFT = importlib.util.find_spec("peft") is not None
 needs_peft = pytest.mark.skipif(not HAVE_PEFT, reason="the interop extra peft is not installed")
@@ -66,8 +65,8 @@ def test_set_adapter_list_sums_and_trains_all():
     layer = model.get_base_model().model.layers[0].self_attn.q_proj
     x = torch.randn(3, 32)
     with torch.no_grad():
-        expect = layer.base_layer(x) + sum(layer.scaling[n] * x @ layer.lora_A[n].weight.t() @ layer.lora_B[n].weight.t()
-                                           for n in ("default", "b"))
+        expect = layer.base_layer(x) + sum(layer.scaling[n] * x @ layer.lora_A[n].weight.t()
+                                           @ layer.lora_B[n].weight.t() for n in ("default", "b"))
         torch.testing.assert_close(layer(x), expect, rtol=0, atol=ATOL)
     assert not torch.allclose(both, single["default"]) and not torch.allclose(both, base)
     model.train()
@@ -149,7 +148,7 @@ def test_weighted_cat_is_the_exact_weighted_sum_and_bad_input():
 NAMES = ["b", "__base__", "default", "b", "default", "__base__", "b"]  # "c" is loaded but used by no row
 
 
-def mixed_batch(n=len(NAMES), T=6):
+def mixed_batch(n=len(NAMES), T=6):  # noqa: B008 (NAMES is a module constant)
     g = torch.Generator().manual_seed(5)
     ids = torch.randint(3, VOCAB, (n, T), generator=g)
     mask = torch.ones(n, T, dtype=torch.long)

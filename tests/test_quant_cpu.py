@@ -3,8 +3,8 @@ import pytest
 import torch
 
 import nf4q
-from nf4q import _ops, _reference as ref
 from conftest import DTYPES, randn
+from nf4q import _ops, _reference as ref
 
 SIZES = [1, 63, 64, 65, 1000, 4097, 3 * 4096 + 7]
 BLOCKSIZES = [32, 64, 128, 256, 1024, 4096]

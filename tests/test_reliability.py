@@ -35,7 +35,8 @@ def _meta(sd):
 # field, JSON text of the bad value (NaN / Infinity are JSON's non-standard literals, which json.loads accepts)
 BAD_FIELDS = [
     ("nested_offset", "NaN"), ("nested_offset", "Infinity"), ("nested_offset", "-Infinity"), ("nested_offset", "1e39"),
-    ("nested_offset", '"0.5"'), ("nested_offset", "true"), ("nested_offset", "null"), ("nested_offset", "1" + "0" * 400),
+    ("nested_offset", '"0.5"'), ("nested_offset", "true"), ("nested_offset", "null"),
+    ("nested_offset", "1" + "0" * 400),
     ("blocksize", "Infinity"), ("blocksize", "64.0"), ("blocksize", '"64"'), ("blocksize", "-64"), ("blocksize", "48"),
     ("blocksize", str(2**70)), ("blocksize", "true"), ("blocksize", "NaN"),
     ("shape", "[Infinity, 64]"), ("shape", "[-32, -64]"), ("shape", "[32.0, 64]"), ("shape", '"32,64"'),
@@ -159,7 +160,7 @@ def test_corrupt_safetensors_is_a_format_error_naming_the_file(tmp_path):
         f = tmp_path / f"bad{i}" / "model.safetensors"
         f.parent.mkdir()
         f.write_bytes(bad)
-        with pytest.raises(FormatError, match="bad{}".format(i)):
+        with pytest.raises(FormatError, match=f"bad{i}"):
             load_state_dict(f.parent)
 
 

@@ -12,8 +12,7 @@ from itertools import chain
 
 import torch
 
-from . import _kernels as K
-from . import reference as R
+from . import _kernels as K, reference as R
 from .maps import signed_map, unsigned_map
 from .paging import PageManager
 
@@ -170,7 +169,7 @@ class AdamW(torch.optim.Optimizer):
                     self._launch(group, [(p, st, 0, p.numel()) for p, st in items])
                 else:
                     work = [((id(p), lo), (p, st, lo, hi)) for p, st in items for lo, hi in self._pieces(p, st)]
-                    pager.run(work, lambda chunk: self._launch(group, chunk))
+                    pager.run(work, lambda chunk: self._launch(group, chunk))  # noqa: B023 (runs in this iteration)
         return loss
 
     def _launch(self, group, items):
@@ -259,7 +258,8 @@ class AdamW(torch.optim.Optimizer):
         if "exp_avg_absmax" in saved:  # 8-bit checkpoint
             a1, a2 = saved["exp_avg_absmax"].to(p.device), saved["exp_avg_sq_absmax"].to(p.device)
             if "exp_avg_absmax" in state:
-                for key, value in (("exp_avg", m), ("exp_avg_sq", v), ("exp_avg_absmax", a1), ("exp_avg_sq_absmax", a2)):
+                for key, value in (("exp_avg", m), ("exp_avg_sq", v), ("exp_avg_absmax", a1),
+                                   ("exp_avg_sq_absmax", a2)):
                     state[key].copy_(value.view(state[key].shape))
                 return state
             m, v = R.dequantize_state(m, a1, signed), R.dequantize_state(v, a2, unsigned)

@@ -5,14 +5,14 @@ m (signed) uses nf4q.codebook.dynamic_map(): per decade 10^(i-6), i = 0..6, 2^i 
 in [0.1, 1] of both signs, plus 0 and 1. v is never negative, so its map spends the sign bit on twice
 as many mantissas per decade (2^(i+1)): the same range with one more bit of precision.
 """
-from functools import lru_cache
+from functools import cache
 
 import torch
 
 from ..codebook import dynamic_map
 
 
-@lru_cache(maxsize=None)
+@cache
 def _unsigned_cpu() -> torch.Tensor:
     data = []
     for i in range(7):
