@@ -413,5 +413,5 @@ def _():
         "IA3 merge scales W's columns where the forward scales its outputs (rows), and vice versa")
 def _():
     from peft_layers import ia3
-    edit_in_place(ia3.IA3Layer._weight_scale, "return l.t() if self.fan_in_fan_out else l",
-                  "return l if self.fan_in_fan_out else l.t()")
+    edit_in_place(ia3.IA3Layer._weight_scale, "return vec.t() if self.fan_in_fan_out else vec",
+                  "return vec if self.fan_in_fan_out else vec.t()")
