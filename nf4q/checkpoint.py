@@ -123,7 +123,8 @@ def save_quantized(model_or_path: Union[str, Path, nn.Module], out_dir: Union[st
     if in_dir is not None and out_dir.resolve() == in_dir.resolve():
         raise ValueError("out_dir must differ from the input directory")
 
-    skip = _default_skip(model) if skip is None else list(skip)
+    # one name is one pattern (list() of a str would split it into characters)
+    skip = _default_skip(model) if skip is None else [skip] if isinstance(skip, str) else list(skip)
     float_dtypes = {p.dtype for p in model.parameters() if p.is_floating_point()}
     model_dtype = next(iter(float_dtypes)) if len(float_dtypes) == 1 else torch.float32
     compute_dtype = compute_dtype or model_dtype

@@ -175,6 +175,10 @@ def test_in_memory_model_and_options(tiny, tmp_path):
     assert type(loaded.model.layers[0].mlp.down_proj) is nn.Linear
     up = loaded.model.layers[0].mlp.up_proj
     assert up.blocksize == 128 and up.weight_nested_absmax is None
+    # a single name as a str is one pattern, not a list of characters
+    out = nf4q.save_quantized(copy.deepcopy(model), tmp_path / "s", skip="lm_head", progress=False)
+    assert json.loads((out / "config.json").read_text())["quantization_config"]["llm_int8_skip_modules"] == [
+        "lm_head"]
 
 
 def test_errors(tiny, saved, tmp_path):
