@@ -142,3 +142,15 @@ def test_variants_agree_and_unknown_isa_falls_back(isa_env, gen):
     isa_env("no-such-isa")  # ignored: the best supported variant runs
     y_best = torch.ops.nf4q.gemm_4bit(x, *w4, None)
     torch.testing.assert_close(y_best, y_scalar, rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("isa", ISAS)
+def test_large_weight_takes_the_panel_path(isa, isa_env, gen):
+    """Above 2^21 values the panel path decodes W a panel at a time (smaller weights are decoded whole)."""
+    isa_env(isa, "panel")
+    w4 = _weight(1030, 2080, 64, True, gen)  # 2.14M values; 1030 rows leave a partial last panel
+    for M in (3, 70):
+        x = randn(M, 2080, generator=gen)
+        _assert_close(torch.ops.nf4q.gemm_4bit(x, *w4, None), ref.gemm_4bit(x, *w4), torch.float32)
+        g = randn(M, 1030, generator=gen)
+        _assert_close(torch.ops.nf4q.gemm_4bit_dx(g, *w4), ref.gemm_4bit_dx(g, *w4), torch.float32)
