@@ -106,6 +106,7 @@ at::Tensor gemm_4bit(const at::Tensor& x, NF4Q_W4_PARAMS, const c10::optional<at
   }
   if (bias) y.add_(bias->to(at::kFloat));
   auto out = out_shape(x, N);
+  if (x.scalar_type() == at::kFloat) return y.view(out.sizes());  // already the answer: no copy
   out.copy_(y.view(out.sizes()));
   return out;
 }
@@ -146,6 +147,7 @@ at::Tensor gemm_4bit_dx(const at::Tensor& grad, NF4Q_W4_PARAMS) {
     }
   }
   auto out = out_shape(grad, K);
+  if (grad.scalar_type() == at::kFloat) return dx.view(out.sizes());
   out.copy_(dx.view(out.sizes()));
   return out;
 }
