@@ -169,10 +169,12 @@ class NF4Weight:
         qw = cls(packed=packed.reshape(-1, 1).contiguous(), absmax=get("weight.absmax").reshape(-1).contiguous(),
                  code=get("weight.quant_map").reshape(-1).contiguous(), shape=torch.Size(shape), dtype=dtype,
                  blocksize=blocksize, **kw)
-        # The scales as the kernels decode them, and their products with the code, must stay finite.
-        scales = _reference.absmax_fp32(qw.absmax, qw.nested_absmax, qw.nested_code, qw.nested_offset,
-                                        qw.nested_blocksize)
-        if n and not (bool(torch.isfinite(scales).all()) and
+        # The scales as the kernels decode them, and their products with the code, must stay finite. (Not for
+        # FSDP's sharded DTensors: a shard of absmax does not line up with the shard of nested_absmax it needs.)
+        sharded = any(hasattr(t, "device_mesh") for t in (qw.absmax, qw.nested_absmax) if t is not None)
+        scales = None if sharded else _reference.absmax_fp32(qw.absmax, qw.nested_absmax, qw.nested_code,
+                                                             qw.nested_offset, qw.nested_blocksize)
+        if n and scales is not None and not (bool(torch.isfinite(scales).all()) and
                       float(scales.abs().max()) * float(qw.code.abs().max()) <= torch.finfo(torch.float32).max):
             raise FormatError(f"{prefix + 'weight.absmax'!r}: the decoded scales overflow float32 "
                               f"(times {prefix + 'weight.quant_map'!r})")
