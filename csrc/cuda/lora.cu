@@ -71,11 +71,7 @@ at::Tensor dropped(const at::Tensor& x2, double p, int64_t seed) {
 at::Tensor lora_dx(const at::Tensor& g2, const W4& w, const at::Tensor& us, const at::Tensor& A, double p,
                    int64_t seed) {
   const int64_t M = g2.size(0), N = w.rows(), K = w.cols(), r = A.size(0);
-  if (M == 0 || N == 0 || K == 0) {
-    auto dx = at::zeros({M, K}, g2.options());
-    if (r > 0 && M > 0 && K > 0 && N > 0) lora_dropout_add_(dx, at::mm(us, A), p, seed);
-    return dx;
-  }
+  if (M == 0 || N == 0 || K == 0) return at::zeros({M, K}, g2.options());  // N = 0: g B = 0, no LoRA term either
   const bool fused = want_fused(M, K) && gemm_fused_eligible(g2, w, true);
   if (p > 0) {  // the mask acts on the [M, K] LoRA term: it cannot ride inside the GEMM's reduction
     auto t = at::mm(us, A);
