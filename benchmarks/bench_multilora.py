@@ -12,7 +12,6 @@ adapters loaded. Rows name 1 / 8 / 32 distinct adapters (round robin). Columns:
 On CPU (no GPU) it runs with a wall-clock timer and smaller default shapes (--full keeps the GPU shapes).
 """
 import argparse
-import time
 
 import torch
 from torch import nn
@@ -23,16 +22,6 @@ from peft_layers import LoRAConfig, LoRALayer, multi_lora
 SHAPES = [(4096, 4096), (4096, 14336)]  # (in, out)
 ROWS, RANK, ADAPTERS = 32, 16, 32
 DISTINCT = [1, 8, 32]
-
-
-def wall_us(fn, reps=5):
-    fn()
-    best = float("inf")
-    for _ in range(reps):
-        t = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t)
-    return 1e6 * best
 
 
 def build_layer(k, n, device, dtype):
@@ -66,7 +55,9 @@ def main():
         timer = bench_us
     else:
         print("no GPU: CPU wall clock, reduced shapes (pass --full for the GPU shapes)")
-        timer = wall_us
+        from benchmarks.utils import cpu_bench_us
+
+        timer = lambda fn: cpu_bench_us(fn, reps=5)  # noqa: E731
     from benchmarks.utils import markdown_table, write_csv
 
     rows = []
