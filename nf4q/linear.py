@@ -3,7 +3,7 @@
 import torch
 from torch import nn
 
-from . import _ops  # noqa: F401  (the ops' fake kernels, for torch.compile)
+from . import _ops
 from .naming import matches
 from .tensor import NF4Weight, quantize
 
@@ -81,7 +81,7 @@ class Linear4bit(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         dtype = self.compute_dtype or x.dtype
         bias = self.bias.to(dtype) if self.bias is not None else None
-        return torch.ops.nf4q.gemm_4bit(x.to(dtype), *self._w4(), bias).to(x.dtype)
+        return _ops.gemm_4bit(x.to(dtype), *self._w4(), bias=bias).to(x.dtype)
 
     def lora_forward(self, x: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float,
                      dropout_p: float = 0.0) -> torch.Tensor:
@@ -100,10 +100,10 @@ class Linear4bit(nn.Module):
         if dropout_p > 0 and torch.compiler.is_compiling():
             h = torch.nn.functional.dropout(x, dropout_p, training=True).to(dtype)
             lora = (h @ lora_A.to(dtype).t()) @ lora_B.to(dtype).t()
-            return (torch.ops.nf4q.gemm_4bit(x.to(dtype), *self._w4(), bias) + scaling * lora).to(x.dtype)
+            return (_ops.gemm_4bit(x.to(dtype), *self._w4(), bias=bias) + scaling * lora).to(x.dtype)
         seed = draw_dropout_seed() if dropout_p > 0 else 0
-        return torch.ops.nf4q.lora_gemm_4bit(x.to(dtype), *self._w4(), bias, lora_A, lora_B, float(scaling),
-                                             float(dropout_p), seed).to(x.dtype)
+        return _ops.lora_gemm_4bit(x.to(dtype), *self._w4(), bias=bias, lora_A=lora_A, lora_B=lora_B, scale=scaling,
+                                   dropout_p=dropout_p, seed=seed).to(x.dtype)
 
     def extra_repr(self):
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
