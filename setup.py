@@ -44,9 +44,10 @@ def _pip_cuda_includes():
 
 
 def _check_compiler():
-    """Build with a C++ compiler whose exceptions torch can catch: a compiler wrapper with its own C++ runtime
-    turns every TORCH_CHECK into SIGSEGV (issue 17). scripts/compiler_probe.py probes $CXX when its
-    libstdc++/libgcc_s differ from the ones torch loaded, falls back to /usr/bin/g++ or stops with what to do."""
+    """Build with a C++ compiler whose exceptions torch can catch: one that links libstdc++ statically into the
+    extension (a wrapper whose -B directory has libstdc++.a but no libstdc++.so) turns every TORCH_CHECK into
+    SIGSEGV (issue 17). scripts/compiler_probe.py checks $CXX's link (then a probe build), falls back to
+    /usr/bin/g++ or stops with what to do."""
     probe_file = os.path.join(ROOT, "scripts", "compiler_probe.py")
     if not sys.platform.startswith("linux") or not os.path.exists(probe_file):
         return

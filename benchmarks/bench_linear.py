@@ -1,12 +1,13 @@
 """y = x @ W^T with W NF4 (double-quantized, blocksize 64): dense bf16 F.linear (cuBLAS), bitsandbytes
 matmul_4bit and nf4q gemm_4bit over Llama-3 8B/70B layer shapes and token counts, in one run.
 
-    python -m benchmarks.bench_linear [--quick] [--csv PATH]
+    python -m benchmarks.bench_linear [--quick] [--shapes NAME ...] [--ms M ...] [--csv PATH]
     python -m benchmarks.bench_linear --device cpu [--quick] [--csv PATH]
 
-Columns: µs each; nf4q's speedup vs bf16 and vs bitsandbytes; for M <= 64 the GB/s of nf4q (packed weight +
-scales + x + y) and its % of the copy ceiling; TFLOP/s (2MNK / t) for larger M. `mma µs` (M <= 256), `wgmma µs`
-and `dequant µs` time nf4q's three paths forced (NF4Q_CUDA_GEMM): the measurement behind the dispatch thresholds.
+Columns: µs each; nf4q's speedup vs bf16 and vs bitsandbytes; per row nf4q's GB/s (packed weight + scales + x +
+y) as % of the copy ceiling and its TFLOP/s (2MNK / t) as % of the bf16 cuBLAS ceiling (utils.BF16_TFLOPS): the
+ceiling that binds is the larger of the two. `mma µs` (M <= 256), `swap µs` (M <= 512), `wgmma µs` and
+`dequant µs` time nf4q's four paths forced (NF4Q_CUDA_GEMM): the measurement behind the dispatch thresholds.
 
 --device cpu: dense fp32 and bf16 F.linear, torch's int4 CPU kernel (aten._weight_int4pack_mm_for_cpu, group 64,
 bf16 activations), bitsandbytes matmul_4bit (when its CPU backend loads) and nf4q gemm_4bit (fp32 and bf16
@@ -20,6 +21,7 @@ import torch.nn.functional as F
 
 import nf4q
 from benchmarks.utils import (
+    BF16_TFLOPS,
     COPY_GBPS,
     bench_us,
     bnb_or_none,
@@ -32,9 +34,9 @@ from benchmarks.utils import (
 
 SHAPES = [  # (name, N, K)
     ("8B q/o", 4096, 4096), ("8B gate/up", 14336, 4096), ("8B down", 4096, 14336),
-    ("70B gate/up", 28672, 8192), ("70B down", 8192, 28672),
+    ("70B q/o", 8192, 8192), ("70B k/v", 1024, 8192), ("70B gate/up", 28672, 8192), ("70B down", 8192, 28672),
 ]
-MS = [1, 4, 16, 64, 256, 1024, 4096]
+MS = [1, 4, 16, 32, 64, 128, 256, 512, 1024, 4096]
 
 
 def forced(path, fn):
@@ -119,11 +121,14 @@ def main():
     ap.add_argument("--quick", action="store_true", help="two shapes and M in {1, 16, 64, 512, 4096}")
     ap.add_argument("--csv", default=None)
     ap.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
+    ap.add_argument("--shapes", nargs="+", default=None, help="names from SHAPES, e.g. '70B k/v'")
+    ap.add_argument("--ms", nargs="+", type=int, default=None, help="token counts (default MS)")
     args = ap.parse_args()
     if args.device == "cpu":
         return cpu_main(args)
-    shapes = [SHAPES[0], SHAPES[3]] if args.quick else SHAPES
-    ms = [1, 16, 64, 512, 4096] if args.quick else MS
+    names = args.shapes or (["8B q/o", "70B gate/up"] if args.quick else [s[0] for s in SHAPES])
+    shapes = [s for s in SHAPES if s[0] in names]
+    ms = args.ms or ([1, 16, 64, 512, 4096] if args.quick else MS)
     bnb = bnb_or_none()
     torch.manual_seed(0)
     rows = []
@@ -145,13 +150,14 @@ def main():
             r["vs_bf16"] = r["bf16_us"] / r["nf4q_us"]
             if M <= 256:
                 r["mma_us"] = bench_us(forced("mma", nf))
+            if M <= 512:
+                r["swap_us"] = bench_us(forced("swap", nf))
             r["fused_us"] = bench_us(forced("fused", nf))
             r["dequant_us"] = bench_us(forced("dequant", nf))
-            if M <= 64:
-                gbps = (wbytes + 2 * M * (K + N)) / (r["nf4q_us"] * 1e3)
-                r["GBps"], r["pct_copy"] = gbps, 100 * gbps / COPY_GBPS
-            else:
-                r["TFLOPs"] = 2 * M * N * K / (r["nf4q_us"] * 1e6)
+            gbps = (wbytes + 2 * M * (K + N)) / (r["nf4q_us"] * 1e3)
+            r["pct_copy"] = 100 * gbps / COPY_GBPS
+            r["TFLOPs"] = 2 * M * N * K / (r["nf4q_us"] * 1e6)
+            r["pct_cublas"] = 100 * r["TFLOPs"] / BF16_TFLOPS
             rows.append(r)
             print({k: (round(v, 2) if isinstance(v, float) else v) for k, v in r.items()}, flush=True)
         del W, qw
@@ -161,9 +167,9 @@ def main():
     print(environment() + "\n")
     print(markdown_table(rows, [("shape", "shape (N x K)", 0), ("M", "M", 0), ("bf16_us", "bf16 µs", 1),
                                 ("bnb_us", "bnb µs", 1), ("nf4q_us", "nf4q µs", 1), ("vs_bf16", "× bf16", 2),
-                                ("vs_bnb", "× bnb", 2), ("GBps", "GB/s", 0), ("pct_copy", "% copy", 0),
-                                ("TFLOPs", "TFLOP/s", 0), ("mma_us", "mma µs", 1), ("fused_us", "wgmma µs", 1),
-                                ("dequant_us", "dequant µs", 1)]))
+                                ("vs_bnb", "× bnb", 2), ("pct_copy", "% copy", 0), ("TFLOPs", "TFLOP/s", 0),
+                                ("pct_cublas", "% cuBLAS", 0), ("mma_us", "mma µs", 1), ("swap_us", "swap µs", 1),
+                                ("fused_us", "wgmma µs", 1), ("dequant_us", "dequant µs", 1)]))
 
 
 if __name__ == "__main__":

@@ -1,5 +1,10 @@
 """Does a C++ compiler build torch extensions whose errors raise, or crash? (issue 17)
 
+Root cause seen on the lent H200 image: its CXX, `/opt/gcc/bin/g++`, runs `g++-real -B/opt/gcc/lib/gcc/.../13/`,
+and that directory has libstdc++.a but no libstdc++.so, so `-lstdc++` linked the C++ runtime statically into
+nf4q._C. static_cxx_runtime() sees that in the linker's --trace. (The one-op probe below raised even so; the
+full extension crashed on every TORCH_CHECK: scripts/build_error_check.py.)
+
 An extension's TORCH_CHECK throws a c10::Error inside our .so that torch's own code (built by another compiler)
 catches and turns into a Python RuntimeError. When the compiler brings its own unwinder / C++ runtime (a
 wrapper that links libgcc or libstdc++ statically, or points RPATH at its own newer copies), the throw and the
@@ -100,6 +105,31 @@ def loaded_libs():
     return out
 
 
+def static_cxx_runtime(cxx, flags=("-fopenmp",)):
+    """The static C++ runtime archives (libstdc++.a, libsupc++.a, ...) that `cxx` puts into a shared object linked
+    the way nf4q's is (-shared plus `flags`), from the linker's --trace; empty when the runtime stays a shared
+    library. A wrapper that links it statically (e.g. its -B directory holds libstdc++.a but no libstdc++.so)
+    gives the extension a private copy of __cxa_throw and the personality routine: measured on the lent H200
+    image, every TORCH_CHECK in such an nf4q._C crashes the process with SIGSEGV."""
+    d = tempfile.mkdtemp(prefix="nf4q-link-")
+    try:
+        src = os.path.join(d, "t.cpp")
+        with open(src, "w") as f:
+            f.write('#include <stdexcept>\nvoid nf4q_t(int x) { if (x) throw std::runtime_error("x"); }\n')
+        r = subprocess.run([*cxx.split(), "-shared", "-fPIC", *flags, src, "-o", os.path.join(d, "t.so"),
+                            "-Wl,--trace"], capture_output=True, text=True, timeout=300)
+    except (OSError, subprocess.SubprocessError):
+        return []
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
+    found = set()
+    for line in (r.stdout + r.stderr).splitlines():
+        for lib in ("libstdc++.a", "libsupc++.a", "libstdc++_nonshared.a"):
+            if lib in line:
+                found.add(line.strip().split(")")[0].lstrip("("))
+    return sorted(found)
+
+
 def probe(cxx, extra_ldflags=(), keep=None):
     """Build and call the probe with `cxx`: (status, details). status: "raises", "crash (signal N)",
     "build failed", or "wrong error"."""
@@ -127,9 +157,10 @@ def probe(cxx, extra_ldflags=(), keep=None):
 
 
 def choose_compiler(cache_dir):
-    """The CXX setup.py should build with. Probes $CXX (once per compiler and torch version, cached in
-    cache_dir) when it is not the system compiler under /usr/bin; if the probe crashes, falls back to
-    /usr/bin/g++ when that one raises properly, else stops the build with what to do.
+    """The CXX setup.py should build with. Checks $CXX (once per compiler and torch version, cached in
+    cache_dir) when it is not the system compiler under /usr/bin: a link that pulls in a static C++ runtime
+    fails it outright, else a probe build must raise; on failure falls back to /usr/bin/g++ when that one
+    raises properly, else stops the build with what to do.
     NF4Q_SKIP_CXX_CHECK=1 skips all of it."""
     cxx = os.environ.get("CXX", "c++")
     path = shutil.which(cxx.split()[0]) or cxx
@@ -149,7 +180,8 @@ def choose_compiler(cache_dir):
     if key not in known:
         print(f"nf4q: CXX={cxx} links {mine}, torch runs on {loaded}: checking that its errors raise ...",
               file=sys.stderr)
-        known[key] = probe(cxx)[0]
+        static = static_cxx_runtime(cxx)
+        known[key] = f"links the C++ runtime statically: {', '.join(static)}" if static else probe(cxx)[0]
         os.makedirs(cache_dir, exist_ok=True)
         with open(cache, "w") as f:
             json.dump(known, f)
@@ -176,6 +208,9 @@ def main(argv):
         print(f"\n=== {cxx}: {ver}")
         print("links against:", json.dumps(runtime_libs(cxx), indent=1))
         print("toolchain:", json.dumps(toolchain_facts(cxx), indent=1))
+        for flags in (("-fopenmp",), ()):
+            static = static_cxx_runtime(cxx, flags)
+            print(f"static C++ runtime linked with -shared {' '.join(flags)}:", static or "none")
         variants = [()]
         if not os.path.realpath(shutil.which(cxx) or cxx).startswith("/usr/bin/"):
             variants.append(("-shared-libgcc",))  # if only this one raises: the wrapper links libgcc statically

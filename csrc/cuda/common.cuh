@@ -8,6 +8,8 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
+#include <type_traits>
+
 #include "../common/nf4.h"
 #include "../w4.h"
 
@@ -110,6 +112,14 @@ template <> struct Cvt<__nv_bfloat16> {
   }
 };
 
+// Two 16-bit values packed in a word times two others, in T's arithmetic (HMUL2).
+template <typename T>
+__device__ __forceinline__ uint32_t hmul2(uint32_t p, uint32_t s) {
+  using T2 = std::conditional_t<std::is_same_v<T, __half>, __half2, __nv_bfloat162>;
+  T2 r = __hmul2(*reinterpret_cast<T2*>(&p), *reinterpret_cast<T2*>(&s));
+  return *reinterpret_cast<uint32_t*>(&r);
+}
+
 // at::ScalarType -> CUDA element type.
 template <typename F>
 void dispatch_float_types(at::ScalarType t, const char* what, F&& f) {
@@ -137,6 +147,11 @@ at::Tensor dequant4_full(const W4& w, at::ScalarType dtype);
 // registers. Returns false (doing nothing) when the inputs do not fit its constraints.
 bool gemm_mma(const at::Tensor& x2, const W4& w, const c10::optional<at::Tensor>& bias, at::Tensor& y);
 
+// Mid-M fused path (swap_gemm.cu, wgmma on sm_90a): y[M, N] = x2[M, K] @ dequant(W)^T (+ bias) computed as
+// W . x2^T with W dequantized in registers as wgmma's A operand. Returns false (doing nothing) when the inputs do
+// not fit: fp16/bf16, K a multiple of 64, power-of-two block sizes >= 64, a 9.0 GPU.
+bool gemm_swap(const at::Tensor& x2, const W4& w, const c10::optional<at::Tensor>& bias, at::Tensor& y);
+
 // Large-M fused path (fused_gemm.cu, wgmma on sm_90a): out = act @ W^T (transposed = false; act [M, K], out
 // [M, N]) or act @ W (transposed = true; act [M, N], out [M, K]), plus extra_act @ extra_w^T when given (the LoRA
 // term as extra reduction columns: [M, r] and [out cols, r], r a multiple of 8) plus bias. The
@@ -153,8 +168,8 @@ bool use_fused(int64_t M, int64_t out_cols);
 // slabs of W's rows, max(32 MiB, 2048 rows) of them at a time; accumulate adds to what out holds.
 void gemm_slabs(const at::Tensor& act, const W4& w, bool transposed, at::Tensor& out, bool accumulate);
 
-// Which gemm path to take; NF4Q_CUDA_GEMM=mma|fused|dequant overrides the size heuristic (for benchmarks).
-enum class GemmPath { kAuto, kMma, kFused, kDequant };
+// Which gemm path to take; NF4Q_CUDA_GEMM=mma|swap|fused|dequant overrides the size heuristic (for benchmarks).
+enum class GemmPath { kAuto, kMma, kSwap, kFused, kDequant };
 GemmPath forced_gemm_path();
 
 // y[M, N] = x2[M, K] @ dequant(W)^T (+ bias) in compute_dtype(x2): the mma.sync kernel for small M, the

@@ -1,6 +1,7 @@
-// CUDA gemm_4bit and gemm_4bit_dx: dispatch between the fused small-M kernel (gemv.cu), the fused wgmma kernel
-// for 16 < M <= 256 (fused_gemm.cu, sm_90a) and, above that or where neither applies (odd shapes, fp32, other
-// GPUs), cuBLAS on dequantized slabs of W (measurements in notes/cuda.md).
+// CUDA gemm_4bit and gemm_4bit_dx: dispatch between the fused small-M kernel (gemv.cu), the swapped wgmma kernel
+// for 8 < M <= 512 (swap_gemm.cu, sm_90a), the x-as-A wgmma kernel (fused_gemm.cu: backward, and forward where the
+// swapped one does not apply) and, above that or where none applies (odd shapes, fp32, other GPUs), cuBLAS on
+// dequantized slabs of W (measurements in notes/cuda.md).
 #include <torch/library.h>
 
 #include "common.cuh"
@@ -8,13 +9,17 @@
 namespace nf4q::cuda {
 namespace {
 
-// Largest M for the fused kernel by default (NF4Q_CUDA_GEMM overrides). bench_linear on the H200: at M=16 the
-// fused kernel wins (136 vs 287 us at 28672x8192), at M=64 dequant+cuBLAS does (292 vs 616 us).
-constexpr int64_t kMmaMaxM = 16;
-// The wgmma kernel is chosen automatically for 16 < M <= 256 when its 128 x 128 tiles half-fill the GPU or more;
+// Largest M for the mma.sync kernel by default (NF4Q_CUDA_GEMM overrides). bench_linear on the H200: at M = 1 it
+// beats the swapped kernel (78.6 vs 90.6 us at 28672x8192), at M = 16 it loses on three of four shapes (135 vs 91).
+constexpr int64_t kMmaMaxM = 8;
+// The x-as-A wgmma kernel: backward, and forward where the swapped one does not apply (block size 32), chosen
+// automatically for M <= 256 when its 128 x 128 tiles half-fill the GPU or more;
 // elsewhere dequantized slabs + cuBLAS won on the H200 (scratch measurements in notes/cuda.md: at M = 4096 the
 // kernel reaches ~320 TFLOP/s against cuBLAS's ~700; with few tiles its one-CTA-per-tile K loop is too long).
 constexpr int64_t kFusedMaxM = 256;
+// The swapped wgmma kernel (W as the register operand) for kMmaMaxM < M <= kSwapMaxM: at M = 256 it beat the
+// other paths on every shape (287 vs 424 wgmma, 525 dequant us at 28672x8192), at 512 it ties with dequant + cuBLAS.
+constexpr int64_t kSwapMaxM = 512;
 // Dequantized W the cuBLAS path holds at a time: 32 MiB (a 28672 x 8192 bf16 W is 448 MiB), but at least 2048
 // rows, since each slab re-reads the activations (forward) or re-writes dx (backward): 512-row slabs of the
 // 8192 x 28672 weight made the forward 1.16x bf16 at M = 4096 (bench_linear on the H200).
@@ -66,6 +71,10 @@ at::Tensor gemm_2d(const at::Tensor& x2, const W4& w, const c10::optional<at::Te
   if (path == GemmPath::kMma || (path == GemmPath::kAuto && M <= kMmaMaxM)) {
     auto y = at::empty({M, N}, x2.options().dtype(dt));
     if (gemm_mma(x2, w, bias, y)) return y;
+  }
+  if (path == GemmPath::kSwap || (path == GemmPath::kAuto && M > kMmaMaxM && M <= kSwapMaxM)) {
+    auto y = at::empty({M, N}, x2.options().dtype(dt));
+    if (gemm_swap(x2, w, bias, y)) return y;
   }
   if (path == GemmPath::kFused || (path == GemmPath::kAuto && M > kMmaMaxM && use_fused(M, N))) {
     auto y = at::empty({M, N}, x2.options().dtype(dt));

@@ -34,10 +34,6 @@ template <> struct Mma<__nv_bfloat16> {
         : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b.x), "r"(b.y));
   }
-  __device__ static uint32_t mul2(uint32_t p, uint32_t s) {
-    __nv_bfloat162 r = __hmul2(*reinterpret_cast<__nv_bfloat162*>(&p), *reinterpret_cast<__nv_bfloat162*>(&s));
-    return *reinterpret_cast<uint32_t*>(&r);
-  }
   __device__ static uint32_t splat(float a) {
     __nv_bfloat162 r = __float2bfloat162_rn(a);
     return *reinterpret_cast<uint32_t*>(&r);
@@ -50,10 +46,6 @@ template <> struct Mma<__half> {
         "{%0,%1,%2,%3};"
         : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b.x), "r"(b.y));
-  }
-  __device__ static uint32_t mul2(uint32_t p, uint32_t s) {
-    __half2 r = __hmul2(*reinterpret_cast<__half2*>(&p), *reinterpret_cast<__half2*>(&s));
-    return *reinterpret_cast<uint32_t*>(&r);
   }
   __device__ static uint32_t splat(float a) {
     __half2 r = __float2half2_rn(a);
@@ -175,8 +167,8 @@ __global__ void __launch_bounds__(kWarps * 32) gemm_mma_kernel(const T* __restri
             const uint32_t word = (s < 2) ? q.x : (s < 4) ? q.y : (s < 6) ? q.z : q.w;
             const uint32_t o0 = (s & 1) ? lut_offset<2>(word, lane_off) : lut_offset<0>(word, lane_off);
             const uint32_t o1 = (s & 1) ? lut_offset<3>(word, lane_off) : lut_offset<1>(word, lane_off);
-            a[h] = Mma<T>::mul2(lut<uint32_t>(table, o0), scale[u][rt][h]);      // slots 2tig, 2tig+1
-            a[2 + h] = Mma<T>::mul2(lut<uint32_t>(table, o1), scale[u][rt][h]);  // slots 2tig+8, +9
+            a[h] = hmul2<T>(lut<uint32_t>(table, o0), scale[u][rt][h]);      // slots 2tig, 2tig+1
+            a[2 + h] = hmul2<T>(lut<uint32_t>(table, o1), scale[u][rt][h]);  // slots 2tig+8, +9
           }
 #pragma unroll
           for (int nt = 0; nt < NT; ++nt) Mma<T>::run(acc[rt][nt], a, bf[nt]);
@@ -264,6 +256,7 @@ GemmPath forced_gemm_path() {
   const char* s = std::getenv("NF4Q_CUDA_GEMM");
   if (s == nullptr) return GemmPath::kAuto;
   if (std::strcmp(s, "mma") == 0) return GemmPath::kMma;
+  if (std::strcmp(s, "swap") == 0) return GemmPath::kSwap;
   if (std::strcmp(s, "dequant") == 0) return GemmPath::kDequant;
   if (std::strcmp(s, "fused") == 0) return GemmPath::kFused;
   return GemmPath::kAuto;

@@ -1,0 +1,363 @@
+// Fused NF4 GEMM on Hopper for batches of 16-256 rows, with the operands swapped (Machete's arrangement):
+//   y^T[N, M] = W[N, K] . x[M, K]^T,   W = wgmma's A operand, in registers; x = its B operand, in shared memory.
+// Tensor cores are 64 rows tall, so a batch of 16-64 rows would waste most of an x-as-A tile; here the batch is
+// wgmma's N (16..128 tokens per tile) and W's rows fill the 64-row side.
+//
+// One CTA = two warpgroups = 128 rows of W x TN tokens. Per 64-wide step of K, TMA brings the packed NF4 bytes of
+// those rows (128 x 32 bytes, the canonical layout) and x's tile (TN x 64, 128B-swizzled) into a ring of stages;
+// each thread then dequantizes exactly its own A fragment in registers -- rows g and g+8 of its warp's 16, k slots
+// 2t, 2t+1, 2t+8, 2t+9 of each k16 step, i.e. byte t of each 4-byte word of those rows -- with one lookup per
+// byte in a byte -> (code, code) table and one HMUL2 by the block scale, and issues four wgmma. The dequantized W
+// never touches shared memory (the x-as-A kernel in fused_gemm.cu writes and re-reads a 16 KB tile per step).
+//
+// When the row tiles x token tiles do not fill the SMs, K is split: each split writes fp32 partial sums and a
+// second kernel adds them in split order (deterministic) with the bias.
+// Built only for sm_90a (wgmma); elsewhere gemm_swap() returns false and callers take another path.
+#include <type_traits>
+
+#include "hopper.cuh"
+
+namespace nf4q::cuda {
+namespace {
+
+constexpr int kRows = 128, kBK = 64, kThreads = 256;
+constexpr int kRawBytes = kRows * kBK / 2;  // packed W of one step
+constexpr int kMinStepsPerSplit = 8;
+constexpr int kPrefetch = 4;  // steps between issuing a block scale's loads and using it
+constexpr int kCtasPerSm = 2;
+
+// Stages of the TMA ring: as many as leave room for two CTAs per SM (while one waits at its barrier, the other's
+// dequantization and wgmma run).
+template <int TN>
+constexpr int stages() {
+  return TN <= 64 ? 6 : 4;
+}
+// Copies of the byte -> T2 table: with 32, lane l reads copy l and a warp's random lookups hit 32 distinct banks;
+// the 128-token tile keeps 16 (2-way conflicts at worst) to leave room for its stages.
+template <int TN>
+constexpr int lut_copies() {
+  return TN <= 64 ? 32 : 16;
+}
+template <int TN>
+constexpr int smem_bytes() {
+  return 1024 /*alignment slack*/ + stages<TN>() * (TN * 128 + kRawBytes) + 256 * lut_copies<TN>() * 4 + 256 * 4 +
+         stages<TN>() * 8 /*mbarriers*/;
+}
+
+struct Out {
+  const void* bias;  // [N] or null
+  void* y;           // [M, N] when not split
+  float* partial;    // [splits, M, N] when split
+  int64_t M;
+  int N, K, m_tiles, steps;  // steps: 64-wide K steps per split
+};
+
+#ifdef NF4Q_WGMMA
+// m64nTNk16 with A from four registers: D registers, A registers, the B descriptor, then the accumulators.
+#define NF4Q_WGMMA_RS(TN, TYPE, D, A, B, ...)                                                                    \
+  asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, 1, 0;\nwgmma.mma_async.sync.aligned.m64n" #TN "k16.f32." TYPE \
+               "." TYPE " {" D "}, {" A "}, " B ", p, 1, 1, 0;\n}\n"                                            \
+               : __VA_ARGS__                                                                                     \
+               : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(db))
+#define NF4Q_WGMMA_RS_SPECIALIZE(TN, D, A, B, ...)                                               \
+  template <>                                                                                    \
+  struct WgmmaRS<__nv_bfloat16, TN> {                                                            \
+    __device__ static void run(float* d, const uint32_t* a, uint64_t db) {                       \
+      NF4Q_WGMMA_RS(TN, "bf16", D, A, B, __VA_ARGS__);                                           \
+    }                                                                                            \
+  };                                                                                             \
+  template <>                                                                                    \
+  struct WgmmaRS<__half, TN> {                                                                   \
+    __device__ static void run(float* d, const uint32_t* a, uint64_t db) {                       \
+      NF4Q_WGMMA_RS(TN, "f16", D, A, B, __VA_ARGS__);                                            \
+    }                                                                                            \
+  };
+
+template <typename T, int TN> struct WgmmaRS;
+NF4Q_WGMMA_RS_SPECIALIZE(16, "%0,%1,%2,%3,%4,%5,%6,%7", "%8,%9,%10,%11", "%12", NF4Q_ACC8(0))
+NF4Q_WGMMA_RS_SPECIALIZE(32, "%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15", "%16,%17,%18,%19", "%20",
+                         NF4Q_ACC8(0), NF4Q_ACC8(8))
+NF4Q_WGMMA_RS_SPECIALIZE(64,
+                         "%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15,%16,%17,%18,%19,%20,%21,%22,%23,"
+                         "%24,%25,%26,%27,%28,%29,%30,%31",
+                         "%32,%33,%34,%35", "%36", NF4Q_ACC8(0), NF4Q_ACC8(8), NF4Q_ACC8(16), NF4Q_ACC8(24))
+NF4Q_WGMMA_RS_SPECIALIZE(128,
+                         "%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15,%16,%17,%18,%19,%20,%21,%22,%23,"
+                         "%24,%25,%26,%27,%28,%29,%30,%31,%32,%33,%34,%35,%36,%37,%38,%39,%40,%41,%42,%43,%44,%45,"
+                         "%46,%47,%48,%49,%50,%51,%52,%53,%54,%55,%56,%57,%58,%59,%60,%61,%62,%63",
+                         "%64,%65,%66,%67", "%68", NF4Q_ACC8(0), NF4Q_ACC8(8), NF4Q_ACC8(16), NF4Q_ACC8(24),
+                         NF4Q_ACC8(32), NF4Q_ACC8(40), NF4Q_ACC8(48), NF4Q_ACC8(56))
+
+__device__ __forceinline__ void fence_regs(uint32_t (&a)[16]) {
+#pragma unroll
+  for (int i = 0; i < 16; ++i) asm volatile("" : "+r"(a[i])::"memory");
+}
+#endif
+
+template <typename T, int TN, bool DQ>
+__global__ void __launch_bounds__(kThreads, kCtasPerSm)
+    swap_gemm_kernel(const W4View w, const Out o, const __grid_constant__ CUtensorMap tm_x,
+                     const __grid_constant__ CUtensorMap tm_w) {
+#ifdef NF4Q_WGMMA
+  constexpr int S = stages<TN>(), kXBytes = TN * 128, kCopies = lut_copies<TN>();
+  extern __shared__ uint8_t smem_raw[];
+  uint8_t* smem = smem_raw + ((1024 - (smem_addr(smem_raw) & 1023)) & 1023);
+  uint8_t* x_s = smem;                   // S x [TN tokens x 64 k], 128B-swizzled
+  uint8_t* raw_s = x_s + S * kXBytes;    // S x [128 rows x 32 bytes]
+  uint32_t* lut = reinterpret_cast<uint32_t*>(raw_s + S * kRawBytes);  // byte -> T2, kCopies copies
+  float* ncode = reinterpret_cast<float*>(lut + 256 * kCopies);
+  const uint32_t bars = smem_addr(ncode + 256);
+
+  const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, g = lane >> 2, tig = lane & 3;
+  {
+    const uint32_t v = Cvt<T>::pack(__ldg(w.code + (tid >> 4)), __ldg(w.code + (tid & 15)));
+    uint4* dst = reinterpret_cast<uint4*>(lut + tid * kCopies);
+#pragma unroll
+    for (int i = 0; i < kCopies / 4; ++i) dst[i] = make_uint4(v, v, v, v);
+    if (DQ) ncode[tid] = __ldg(w.nested_code + tid);
+  }
+  if (tid == 0) {
+    for (int s = 0; s < S; ++s) mbar_init(bars + 8 * s);
+    asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
+  }
+  __syncthreads();
+
+  // Token tiles vary fastest, so the CTAs that share W's rows run together and W is read from HBM once.
+  const int m_tile = blockIdx.x % o.m_tiles, n0 = (blockIdx.x / o.m_tiles) * kRows;
+  const int64_t m0 = int64_t{m_tile} * TN;
+  const int kt0 = blockIdx.y * o.steps, nsteps = min(o.K / kBK - kt0, o.steps);
+  const int lrow = (warp >> 2) * 64 + (warp & 3) * 16 + g;  // rows lrow and lrow + 8 of the tile
+  const int row_a = n0 + lrow, row_b = row_a + 8;
+  const float offset = DQ ? __ldg(w.nested_offset) : 0.f;
+  const uint32_t shift = 8 * tig;
+
+  // Block scales come from global memory (uint8 code + nested fp32, or fp32), so their loads are issued
+  // kPrefetch steps ahead into registers: waited on at the step that uses them, they cost a DRAM latency
+  // per step (measured: ~1 us, the whole budget of a step). Block sizes >= 64: one scale per row per step.
+  struct Scales {
+    uint32_t qa, qb;  // double quant: the 8-bit codes of rows a and b
+    float sa, sb;     // their nested fp32 scale, or the fp32 absmax itself
+  };
+  const int ra_c = min(row_a, o.N - 1), rb_c = min(row_b, o.N - 1);  // rows past N: any valid address
+  auto fetch = [&](int i, Scales& f) {
+    if (i >= nsteps) return;
+    const int64_t k = int64_t{kt0 + i} * kBK;
+    const int64_t ba = (int64_t{ra_c} * o.K + k) >> w.log2_bs, bb = (int64_t{rb_c} * o.K + k) >> w.log2_bs;
+    if (DQ) {
+      f.qa = __ldg(static_cast<const uint8_t*>(w.absmax) + ba);
+      f.qb = __ldg(static_cast<const uint8_t*>(w.absmax) + bb);
+      f.sa = __ldg(w.nested_absmax + (ba >> w.nested_log2));
+      f.sb = __ldg(w.nested_absmax + (bb >> w.nested_log2));
+    } else {
+      f.sa = __ldg(static_cast<const float*>(w.absmax) + ba);
+      f.sb = __ldg(static_cast<const float*>(w.absmax) + bb);
+    }
+  };
+  auto splat = [&](uint32_t q, float s, bool valid) -> uint32_t {  // a block scale as a T2 pair
+    const float a = DQ ? fmaf(ncode[q], s, offset) : s;
+    return valid ? Cvt<T>::pack(a, a) : 0u;  // rows past N: TMA zero-filled bytes, and a zero scale
+  };
+  auto look = [&](uint32_t word) {  // the T2 pair of byte `tig` of word, from this lane's copy of the table
+    return lut[((word >> shift) & 0xffu) * kCopies + (lane % kCopies)];
+  };
+
+  // This thread's A fragments of step i: a[4s..4s+3] = rows (g, g+8) x k slots (2t.., 2t+8..) of k16 step s.
+  auto build = [&](int i, uint32_t(&a)[16], uint32_t sa, uint32_t sb) {
+    const uint8_t* raw = raw_s + (i % S) * kRawBytes;
+    const uint4 qa0 = *reinterpret_cast<const uint4*>(raw + lrow * 32);
+    const uint4 qa1 = *reinterpret_cast<const uint4*>(raw + lrow * 32 + 16);
+    const uint4 qb0 = *reinterpret_cast<const uint4*>(raw + (lrow + 8) * 32);
+    const uint4 qb1 = *reinterpret_cast<const uint4*>(raw + (lrow + 8) * 32 + 16);
+    const uint32_t wa[8] = {qa0.x, qa0.y, qa0.z, qa0.w, qa1.x, qa1.y, qa1.z, qa1.w};
+    const uint32_t wb[8] = {qb0.x, qb0.y, qb0.z, qb0.w, qb1.x, qb1.y, qb1.z, qb1.w};
+#pragma unroll
+    for (int s = 0; s < 4; ++s) {
+      a[4 * s + 0] = hmul2<T>(look(wa[2 * s]), sa);
+      a[4 * s + 1] = hmul2<T>(look(wb[2 * s]), sb);
+      a[4 * s + 2] = hmul2<T>(look(wa[2 * s + 1]), sa);
+      a[4 * s + 3] = hmul2<T>(look(wb[2 * s + 1]), sb);
+    }
+  };
+
+  auto load_stage = [&](int i) {  // one thread: step i into slot i % S
+    const uint32_t bar = bars + 8 * (i % S);
+    mbar_expect(bar, kXBytes + kRawBytes);
+    tma_load(smem_addr(x_s + (i % S) * kXBytes), &tm_x, (kt0 + i) * kBK, static_cast<int>(m0), bar);
+    tma_load(smem_addr(raw_s + (i % S) * kRawBytes), &tm_w, (kt0 + i) * kBK / 2, n0, bar);
+  };
+  if (tid == 0)
+    for (int i = 0; i < S - 1 && i < nsteps; ++i) load_stage(i);
+  Scales pre[kPrefetch];
+#pragma unroll
+  for (int j = 0; j < kPrefetch; ++j) fetch(j, pre[j]);
+
+  float acc[TN / 2];
+#pragma unroll
+  for (int i = 0; i < TN / 2; ++i) acc[i] = 0.f;
+  uint32_t a0[16], a1[16];
+  // Step i: dequantize into a (the registers step i - 2 used; its wgmma has finished), issue, then wait for step
+  // i - 1's wgmma so that its stage can be refilled while step i's runs.
+  auto step = [&](int i, uint32_t(&a)[16], Scales& f) {
+    const uint32_t sa = splat(f.qa, f.sa, row_a < o.N), sb = splat(f.qb, f.sb, row_b < o.N);
+    fetch(i + kPrefetch, f);
+    mbar_wait(bars + 8 * (i % S), (i / S) & 1);
+    build(i, a, sa, sb);
+    fence_regs(a);
+    fence_acc<TN / 2>(acc);
+    asm volatile("wgmma.fence.sync.aligned;" ::: "memory");
+    const uint32_t xs = smem_addr(x_s + (i % S) * kXBytes);
+#pragma unroll
+    for (int s = 0; s < 4; ++s) WgmmaRS<T, TN>::run(acc, a + 4 * s, desc_sw128(xs + 32 * s));
+    asm volatile("wgmma.commit_group.sync.aligned;" ::: "memory");
+    asm volatile("wgmma.wait_group.sync.aligned 1;" ::: "memory");
+    fence_acc<TN / 2>(acc);
+    fence_regs(a);
+    __syncthreads();  // every warpgroup is done with step i - 1's stage
+    if (tid == 0 && i + S - 1 < nsteps) load_stage(i + S - 1);
+  };
+  static_assert(kPrefetch == 4, "the loop below is unrolled by 4");
+  int i = 0;
+  for (; i + 3 < nsteps; i += 4) {
+    step(i, a0, pre[0]);
+    step(i + 1, a1, pre[1]);
+    step(i + 2, a0, pre[2]);
+    step(i + 3, a1, pre[3]);
+  }
+  if (i < nsteps) step(i, a0, pre[0]);
+  if (i + 1 < nsteps) step(i + 1, a1, pre[1]);
+  if (i + 2 < nsteps) step(i + 2, a0, pre[2]);
+  asm volatile("wgmma.wait_group.sync.aligned 0;" ::: "memory");
+  fence_acc<TN / 2>(acc);
+  fence_regs(a0);
+  fence_regs(a1);
+
+  // Epilogue: acc[4j + 2h + e] = y^T[row lrow + 8h, token 8j + 2t + e].
+  T* y = static_cast<T*>(o.y);
+  const T* bias = static_cast<const T*>(o.bias);
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    const int row = h ? row_b : row_a;
+    if (row >= o.N) continue;
+    const float b = (bias != nullptr && o.partial == nullptr) ? Cvt<T>::to_float(bias[row]) : 0.f;
+#pragma unroll
+    for (int j = 0; j < TN / 8; ++j)
+#pragma unroll
+      for (int e = 0; e < 2; ++e) {
+        const int64_t m = m0 + 8 * j + 2 * tig + e;
+        if (m >= o.M) continue;
+        const float v = acc[4 * j + 2 * h + e];
+        if (o.partial != nullptr)
+          o.partial[(blockIdx.y * o.M + m) * o.N + row] = v;
+        else
+          y[m * o.N + row] = Cvt<T>::from(v + b);
+      }
+  }
+#endif
+}
+
+// y = sum over splits of partial (in split order) + bias.
+template <typename T>
+__global__ void sum_splits_kernel(const float* __restrict__ partial, int splits, int64_t MN, int N,
+                                  const T* __restrict__ bias, T* __restrict__ y) {
+  for (int64_t p = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; p < MN; p += int64_t{gridDim.x} * blockDim.x) {
+    float v = 0.f;
+    for (int s = 0; s < splits; ++s) v += partial[s * MN + p];
+    if (bias != nullptr) v += Cvt<T>::to_float(bias[p % N]);
+    y[p] = Cvt<T>::from(v);
+  }
+}
+
+template <typename T, int TN, bool DQ>
+void launch(const at::Tensor& x, const W4& w, const W4View& v, const T* bias, at::Tensor& y) {
+  const int64_t M = x.size(0), N = w.rows(), K = w.cols();
+  const int sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+  Out o{};
+  o.M = M;
+  o.N = static_cast<int>(N);
+  o.K = static_cast<int>(K);
+  o.m_tiles = static_cast<int>(ceil_div(M, TN));
+  const int64_t tiles = o.m_tiles * ceil_div(N, kRows), ksteps = K / kBK;
+  TORCH_CHECK(tiles < INT32_MAX, "nf4q: gemm_swap: too many tiles");
+  // Split K while the tiles leave CTA slots idle, keeping at least kMinStepsPerSplit steps per split.
+  const int64_t want = std::max<int64_t>(1, std::min<int64_t>(kCtasPerSm * sms / tiles, ksteps / kMinStepsPerSplit));
+  o.steps = static_cast<int>(ceil_div(ksteps, want));
+  const int splits = static_cast<int>(ceil_div(ksteps, o.steps));
+  at::Tensor partial;
+  if (splits > 1) {
+    partial = at::empty({splits, M, N}, x.options().dtype(at::kFloat));
+    o.partial = partial.data_ptr<float>();
+  } else {
+    o.y = y.data_ptr();
+    o.bias = bias;
+  }
+  constexpr int smem = smem_bytes<TN>();
+  static const bool attr = [] {
+    C10_CUDA_CHECK(cudaFuncSetAttribute(swap_gemm_kernel<T, TN, DQ>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                        smem));
+    return true;
+  }();
+  (void)attr;
+  const auto type = std::is_same_v<T, __half> ? CU_TENSOR_MAP_DATA_TYPE_FLOAT16 : CU_TENSOR_MAP_DATA_TYPE_BFLOAT16;
+  const auto tm_x = tensor_map(x.data_ptr(), type, 2, M, K, TN, kBK, CU_TENSOR_MAP_SWIZZLE_128B);
+  const auto tm_w = tensor_map(w.packed.data_ptr(), CU_TENSOR_MAP_DATA_TYPE_UINT8, 1, N, K / 2, kRows, kBK / 2,
+                               CU_TENSOR_MAP_SWIZZLE_NONE);
+  const auto stream = at::cuda::getCurrentCUDAStream();
+  swap_gemm_kernel<T, TN, DQ><<<dim3(static_cast<unsigned>(tiles), splits), kThreads, smem, stream>>>(v, o, tm_x, tm_w);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  if (splits > 1) {
+    const int threads = 256;
+    const int64_t grid = std::min<int64_t>(ceil_div(M * N, threads), 4 * sms);
+    sum_splits_kernel<T><<<grid, threads, 0, stream>>>(partial.data_ptr<float>(), splits, M * N, o.N, bias,
+                                                       static_cast<T*>(y.data_ptr()));
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+}
+
+template <typename T, int TN>
+void launch_dq(const at::Tensor& x, const W4& w, const W4View& v, const T* bias, at::Tensor& y) {
+  if (v.nested_absmax != nullptr) {
+    launch<T, TN, true>(x, w, v, bias, y);
+  } else {
+    launch<T, TN, false>(x, w, v, bias, y);
+  }
+}
+
+template <typename T>
+void dispatch(const at::Tensor& x, const W4& w, const W4View& v, const T* bias, at::Tensor& y) {
+  const int64_t M = x.size(0);
+  if (M <= 16) {
+    launch_dq<T, 16>(x, w, v, bias, y);
+  } else if (M <= 32) {
+    launch_dq<T, 32>(x, w, v, bias, y);
+  } else if (M <= 64) {
+    launch_dq<T, 64>(x, w, v, bias, y);
+  } else {
+    launch_dq<T, 128>(x, w, v, bias, y);
+  }
+}
+
+}  // namespace
+
+bool gemm_swap(const at::Tensor& x_in, const W4& w, const c10::optional<at::Tensor>& bias, at::Tensor& y) {
+  const auto dt = x_in.scalar_type();
+  const int64_t M = x_in.size(0), N = w.rows(), K = w.cols();
+  const bool pow2 = w.blocksize >= kBK && (w.blocksize & (w.blocksize - 1)) == 0;  // one scale per row per step
+  const bool nested_pow2 = !w.double_quant() || (w.nested_blocksize & (w.nested_blocksize - 1)) == 0;
+  if ((dt != at::kBFloat16 && dt != at::kHalf) || M == 0 || N == 0 || K == 0 || K % kBK != 0 || !pow2 ||
+      !nested_pow2 || N >= (int64_t{1} << 31) || K >= (int64_t{1} << 31) || M >= (int64_t{1} << 31) ||
+      !aligned16(w.packed.data_ptr()) || !device_has_wgmma(x_in))
+    return false;
+  auto x = x_in.contiguous();
+  if (!aligned16(x.data_ptr())) x = x.clone();
+  at::Tensor b;
+  if (bias) b = bias->to(dt).contiguous();
+  const W4View v = make_view(w, "gemm_4bit");
+  if (dt == at::kHalf) {
+    dispatch<__half>(x, w, v, bias ? static_cast<const __half*>(b.data_ptr()) : nullptr, y);
+  } else {
+    dispatch<__nv_bfloat16>(x, w, v, bias ? static_cast<const __nv_bfloat16*>(b.data_ptr()) : nullptr, y);
+  }
+  return true;
+}
+
+}  // namespace nf4q::cuda

@@ -1,0 +1,76 @@
+"""The swapped wgmma GEMM (csrc/cuda/swap_gemm.cu: W dequantized in registers as wgmma's A operand, x the B
+operand) forced with NF4Q_CUDA_GEMM=swap, against the fp64 oracle and the dequantize + cuBLAS path."""
+import pytest
+import torch
+
+from nf4q import _reference as ref
+from test_cuda_fused import HAS_WGMMA, TOL, data, weight
+from test_cuda_kernels import poison_allocator, rel_err
+
+pytestmark = pytest.mark.skipif(not HAS_WGMMA, reason="needs a compute-capability-9.0 GPU (wgmma, sm_90a)")
+ops = torch.ops.nf4q
+
+
+@pytest.fixture
+def swap(monkeypatch):
+    monkeypatch.setenv("NF4Q_CUDA_GEMM", "swap")
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("blocksize,double_quant", [(32, True), (64, True), (64, False), (128, True), (256, False)])
+@pytest.mark.parametrize("M", [1, 5, 16, 17, 31, 64, 97, 128, 131, 509])
+def test_matches_reference(dtype, blocksize, double_quant, M, swap):
+    # N not a multiple of the 128-row tile (a partial tile, rows past N), K of 5 and 16 steps (split and not)
+    for N, K in [(200, 320), (384, 1024)]:
+        qw = weight(N, K, blocksize, double_quant, seed=M + N + blocksize)
+        x, bias = data(M, K, dtype=dtype, seed=M), data(N, dtype=dtype, seed=2, scale=0.1)
+        for b in (None, bias):
+            poison_allocator(4 * M * N * 16)
+            y = ops.gemm_4bit(x, *qw.op_args(), b)
+            assert torch.isfinite(y).all(), (N, K)
+            assert rel_err(y, ref.gemm_4bit(x, *qw.op_args(), bias=b)) < TOL[dtype], (N, K, b is None)
+
+
+@pytest.mark.parametrize("M", [3, 40, 200])
+def test_split_k_matches_the_dequant_path(M, monkeypatch):
+    """Few row tiles and a long K: the kernel splits K and sums the fp32 partials in a second kernel."""
+    qw = weight(256, 8192, seed=M)
+    x, bias = data(M, 8192, dtype=torch.bfloat16, seed=7), data(256, dtype=torch.bfloat16, seed=8, scale=0.1)
+    out = {}
+    for path in ("swap", "dequant"):
+        monkeypatch.setenv("NF4Q_CUDA_GEMM", path)
+        poison_allocator(4 * M * 256 * 64)
+        out[path] = ops.gemm_4bit(x, *qw.op_args(), bias)
+    assert torch.isfinite(out["swap"]).all()
+    # the same weights up to the rounding of code x scale in bf16 (the dequant path rounds the fp32 product once)
+    assert rel_err(out["swap"], out["dequant"]) < 4e-3
+    assert rel_err(out["swap"], ref.gemm_4bit(x, *qw.op_args(), bias=bias)) < TOL[torch.bfloat16]
+
+
+def test_non_contiguous_leading_dims_and_an_odd_offset(swap):
+    qw = weight(256, 512, seed=9)
+    x = data(3, 512, 30, dtype=torch.bfloat16, seed=10).transpose(1, 2)  # [3, 30, 512], stride 1 on dim 1
+    y = ops.gemm_4bit(x, *qw.op_args(), None)
+    assert y.shape == (3, 30, 256)
+    assert rel_err(y, ref.gemm_4bit(x.contiguous(), *qw.op_args())) < TOL[torch.bfloat16]
+    flat = data(1 + 20 * 512, dtype=torch.bfloat16, seed=11)
+    x_odd = flat[1:].view(20, 512)  # a storage offset of one element: not 16-byte aligned
+    assert rel_err(ops.gemm_4bit(x_odd, *qw.op_args(), None), ref.gemm_4bit(x_odd, *qw.op_args())) < 1e-2
+
+
+def test_shapes_it_does_not_take_fall_back(swap):
+    """K not a multiple of 64 and fp32 activations go to another path, with the same answer."""
+    qw = weight(130, 96, blocksize=32, seed=12)
+    for dtype in (torch.bfloat16, torch.float32):
+        x = data(33, 96, dtype=dtype, seed=13)
+        y = ops.gemm_4bit(x, *qw.op_args(), None)
+        assert y.dtype == dtype
+        assert rel_err(y, ref.gemm_4bit(x, *qw.op_args())) < TOL.get(dtype, 1e-4)
+
+
+def test_automatic_choice_for_mid_batches_matches_reference():
+    """Without the override, batches of 17..256 rows take this kernel on a 9.0 GPU."""
+    qw = weight(1024, 2048, seed=14)
+    for M in (17, 64, 256):
+        x = data(M, 2048, dtype=torch.bfloat16, seed=M)
+        assert rel_err(ops.gemm_4bit(x, *qw.op_args(), None), ref.gemm_4bit(x, *qw.op_args())) < 1e-2
