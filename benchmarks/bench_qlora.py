@@ -3,6 +3,7 @@ and nf4q's lora_gemm_4bit op (issue 4's list: M in {512, 2048, 4096, 8192}, K->N
 4096->14336, 14336->4096, 8192->28672}, r in {8, 16, 64}).
 
     python -m benchmarks.bench_qlora [--quick] [--dropout 0.05] [--csv PATH]
+    python -m benchmarks.bench_qlora --forward      # inference: forward only, M in {16, 64, 256, 512}
 
 nf4q runs as users call it: `Linear4bit.lora_forward` (one op call, C++ autograd), LoRA dropout inside the op when
 --dropout > 0 (bf16+LoRA and bnb+LoRA then apply torch's dropout to their LoRA branch, as PEFT does).
@@ -57,12 +58,46 @@ def peak_mib(fn):
     return (torch.cuda.max_memory_allocated() - base) / 2**20
 
 
+FORWARD_MS = [16, 64, 256, 512]
+
+
+def forward_main(args):
+    """lora_gemm_4bit forward alone at serving batch sizes, 8192 -> 28672, r = 16: bf16 + LoRA (torch), nf4q's
+    automatic path (the swapped wgmma kernel with the LoRA term as extra reduction steps for 8 < M <= 512) and its
+    two other strategies forced (NF4Q_CUDA_LORA=fused|slabs; at M <= 64 `slabs` is gemm_4bit then a rank-r
+    update)."""
+    K, N, r, s = 8192, 28672, 16, 2.0
+    torch.manual_seed(0)
+    W = torch.randn(N, K, device="cuda", dtype=torch.bfloat16) * 0.02
+    w4 = nf4q.quantize(W, blocksize=64, double_quant=True).op_args()
+    A = torch.randn(r, K, device="cuda", dtype=torch.bfloat16) * 0.01
+    B = torch.randn(N, r, device="cuda", dtype=torch.bfloat16) * 0.01
+    rows = []
+    for M in FORWARD_MS:
+        x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
+        nf = lambda: torch.ops.nf4q.lora_gemm_4bit(x, *w4, None, A, B, s)  # noqa: E731
+        row = {"M": M, "bf16_us": bench_us(lambda: F.linear(x, W) + s * F.linear(F.linear(x, A), B)),
+               "nf4q_us": bench_us(nf), "fused_us": bench_us(forced("fused", nf)),
+               "slabs_us": bench_us(forced("slabs", nf))}
+        row["vs_bf16"] = row["bf16_us"] / row["nf4q_us"]
+        rows.append(row)
+        print({k: (round(v, 2) if isinstance(v, float) else v) for k, v in row.items()}, flush=True)
+    write_csv(args.csv, rows)
+    print(f"\n## bench_qlora --forward: lora_gemm_4bit forward, {K}->{N}, r = {r}, bf16, NF4 + double quant\n")
+    print(environment() + "\n")
+    print(markdown_table(rows, [("M", "M", 0), ("bf16_us", "bf16+LoRA µs", 1), ("nf4q_us", "nf4q µs", 1),
+                                ("vs_bf16", "× bf16", 2), ("fused_us", "wgmma µs", 1), ("slabs_us", "slabs µs", 1)]))
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true", help="M = 4096 and r = 16 only")
     ap.add_argument("--dropout", type=float, default=0.0, help="LoRA dropout in every stack (training mode)")
+    ap.add_argument("--forward", action="store_true", help="forward only at serving batch sizes (see forward_main)")
     ap.add_argument("--csv", default=None)
     args = ap.parse_args()
+    if args.forward:
+        return forward_main(args)
     ms, ranks = ([4096], [16]) if args.quick else (MS, RANKS)
     bnb = bnb_or_none()
     torch.manual_seed(0)

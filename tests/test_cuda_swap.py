@@ -74,3 +74,24 @@ def test_automatic_choice_for_mid_batches_matches_reference():
     for M in (17, 64, 256):
         x = data(M, 2048, dtype=torch.bfloat16, seed=M)
         assert rel_err(ops.gemm_4bit(x, *qw.op_args(), None), ref.gemm_4bit(x, *qw.op_args())) < 1e-2
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("r", [1, 8, 16, 70])  # 1: padded to 8; 70: two extra 64-wide steps
+@pytest.mark.parametrize("M,N,K", [(9, 200, 320), (64, 384, 512), (131, 256, 4096), (509, 384, 512)])
+@pytest.mark.parametrize("dropout_p", [0.0, 0.1])
+def test_lora_forward_rides_as_extra_steps(dtype, r, M, N, K, dropout_p):
+    """lora_gemm_4bit for 8 < M <= 512 takes this kernel by default; 256 x 4096 splits K (the LoRA steps run in the
+    first split only), 200 rows leave a partial tile."""
+    s = 0.7
+    qw = weight(N, K, seed=r + M)
+    x, bias = data(M, K, dtype=dtype, seed=10), data(N, dtype=dtype, seed=11, scale=0.1)
+    A, B = data(r, K, dtype=dtype, seed=12, scale=0.05), data(N, r, dtype=dtype, seed=13, scale=0.05)
+    poison_allocator(4 * M * N * 16)
+    y = ops.lora_gemm_4bit(x, *qw.op_args(), bias, A, B, s, dropout_p, 1234)
+    want = ref.lora_gemm_4bit(x, *qw.op_args(), bias=bias, lora_A=A, lora_B=B, scale=s, dropout_p=dropout_p,
+                              seed=1234)
+    assert torch.isfinite(y).all()
+    assert rel_err(y, want) < TOL[dtype]
+    # the LoRA term alone is well above the tolerance, so a lost extra step would fail
+    assert rel_err(ref.gemm_4bit(x, *qw.op_args(), bias=bias), want) > 3 * TOL[dtype] or r == 1

@@ -150,7 +150,11 @@ bool gemm_mma(const at::Tensor& x2, const W4& w, const c10::optional<at::Tensor>
 // Mid-M fused path (swap_gemm.cu, wgmma on sm_90a): y[M, N] = x2[M, K] @ dequant(W)^T (+ bias) computed as
 // W . x2^T with W dequantized in registers as wgmma's A operand. Returns false (doing nothing) when the inputs do
 // not fit: fp16/bf16, K a multiple of 64, power-of-two block sizes >= 64, a 9.0 GPU.
-bool gemm_swap(const at::Tensor& x2, const W4& w, const c10::optional<at::Tensor>& bias, at::Tensor& y);
+// With lora_t [M, r] and lora_b [N, r] (r a multiple of 8, x's dtype) it adds lora_t @ lora_b^T in the same fp32
+// accumulation (extra reduction steps, the output rounded once).
+bool gemm_swap_eligible(const at::Tensor& x2, const W4& w);
+bool gemm_swap(const at::Tensor& x2, const W4& w, const c10::optional<at::Tensor>& bias, at::Tensor& y,
+               const at::Tensor* lora_t = nullptr, const at::Tensor* lora_b = nullptr);
 
 // Large-M fused path (fused_gemm.cu, wgmma on sm_90a): out = act @ W^T (transposed = false; act [M, K], out
 // [M, N]) or act @ W (transposed = true; act [M, N], out [M, K]), plus extra_act @ extra_w^T when given (the LoRA
@@ -163,6 +167,8 @@ bool gemm_fused(const at::Tensor& act, const W4& w, bool transposed, const at::T
 
 // Whether the wgmma kernel is the automatic choice for an [M, out_cols] product (measured, see notes/cuda.md).
 bool use_fused(int64_t M, int64_t out_cols);
+// Whether the swapped wgmma kernel is the automatic choice for a forward product with M rows.
+bool use_swap(int64_t M);
 
 // out = act @ W^T (transposed = false; out [M, N]) or act @ W (true; out [M, K]) through cuBLAS on dequantized
 // slabs of W's rows, max(32 MiB, 2048 rows) of them at a time; accumulate adds to what out holds.

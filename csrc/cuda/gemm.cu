@@ -72,7 +72,7 @@ at::Tensor gemm_2d(const at::Tensor& x2, const W4& w, const c10::optional<at::Te
     auto y = at::empty({M, N}, x2.options().dtype(dt));
     if (gemm_mma(x2, w, bias, y)) return y;
   }
-  if (path == GemmPath::kSwap || (path == GemmPath::kAuto && M > kMmaMaxM && M <= kSwapMaxM)) {
+  if (path == GemmPath::kSwap || (path == GemmPath::kAuto && use_swap(M))) {
     auto y = at::empty({M, N}, x2.options().dtype(dt));
     if (gemm_swap(x2, w, bias, y)) return y;
   }
@@ -86,6 +86,8 @@ at::Tensor gemm_2d(const at::Tensor& x2, const W4& w, const c10::optional<at::Te
   gemm_slabs(xc, w, false, y, bias.has_value());
   return y;
 }
+
+bool use_swap(int64_t M) { return M > kMmaMaxM && M <= kSwapMaxM; }
 
 bool use_fused(int64_t M, int64_t out_cols) {
   const int64_t tiles = (M + 127) / 128 * (out_cols / 128);

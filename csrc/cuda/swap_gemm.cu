@@ -41,15 +41,17 @@ constexpr int lut_copies() {
 template <int TN>
 constexpr int smem_bytes() {
   return 1024 /*alignment slack*/ + stages<TN>() * (TN * 128 + kRawBytes) + 256 * lut_copies<TN>() * 4 + 256 * 4 +
-         stages<TN>() * 8 /*mbarriers*/;
+         (stages<TN>() + 1) * 8 /*mbarriers: the ring's and the LoRA steps'*/;
 }
 
 struct Out {
-  const void* bias;  // [N] or null
-  void* y;           // [M, N] when not split
-  float* partial;    // [splits, M, N] when split
+  const void* bias;    // [N] or null
+  void* y;             // [M, N] when not split
+  float* partial;      // [splits, M, N] when split
+  const void* lora_b;  // LoRA's B [N, r] or null; its partner t = s d(x) A^T [M, r] comes by the tm_t map
   int64_t M;
   int N, K, m_tiles, steps;  // steps: 64-wide K steps per split
+  int r;                     // LoRA rank, a multiple of 8
 };
 
 #ifdef NF4Q_WGMMA
@@ -97,7 +99,7 @@ __device__ __forceinline__ void fence_regs(uint32_t (&a)[16]) {
 template <typename T, int TN, bool DQ>
 __global__ void __launch_bounds__(kThreads, kCtasPerSm)
     swap_gemm_kernel(const W4View w, const Out o, const __grid_constant__ CUtensorMap tm_x,
-                     const __grid_constant__ CUtensorMap tm_w) {
+                     const __grid_constant__ CUtensorMap tm_w, const __grid_constant__ CUtensorMap tm_t) {
 #ifdef NF4Q_WGMMA
   constexpr int S = stages<TN>(), kXBytes = TN * 128, kCopies = lut_copies<TN>();
   extern __shared__ uint8_t smem_raw[];
@@ -117,7 +119,7 @@ __global__ void __launch_bounds__(kThreads, kCtasPerSm)
     if (DQ) ncode[tid] = __ldg(w.nested_code + tid);
   }
   if (tid == 0) {
-    for (int s = 0; s < S; ++s) mbar_init(bars + 8 * s);
+    for (int s = 0; s <= S; ++s) mbar_init(bars + 8 * s);
     asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
   }
   __syncthreads();
@@ -231,6 +233,34 @@ __global__ void __launch_bounds__(kThreads, kCtasPerSm)
   fence_regs(a0);
   fence_regs(a1);
 
+  // The LoRA term as extra reduction steps (first split only): A = lora_B's rows, straight from global memory into
+  // registers (k slots past r read as zero), B = t's tile by TMA into stage 0 (columns past r zero-filled).
+  const uint32_t* lb = static_cast<const uint32_t*>(o.lora_b);
+  for (int e = 0; lb != nullptr && blockIdx.y == 0 && e * kBK < o.r; ++e) {
+    __syncthreads();  // every warp is past its last read of stage 0
+    if (tid == 0) {
+      mbar_expect(bars + 8 * S, kXBytes);
+      tma_load(smem_addr(x_s), &tm_t, e * kBK, static_cast<int>(m0), bars + 8 * S);
+    }
+#pragma unroll
+    for (int s = 0; s < 4; ++s)
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {  // j: rows a, b (bit 0) x k slots 2t.., 2t+8.. (bit 1)
+        const int row = (j & 1) ? row_b : row_a, k = e * kBK + 16 * s + 2 * tig + 8 * (j >> 1);
+        a0[4 * s + j] = (row < o.N && k < o.r) ? __ldg(lb + (int64_t{row} * o.r + k) / 2) : 0u;
+      }
+    mbar_wait(bars + 8 * S, e & 1);
+    fence_regs(a0);
+    fence_acc<TN / 2>(acc);
+    asm volatile("wgmma.fence.sync.aligned;" ::: "memory");
+#pragma unroll
+    for (int s = 0; s < 4; ++s) WgmmaRS<T, TN>::run(acc, a0 + 4 * s, desc_sw128(smem_addr(x_s) + 32 * s));
+    asm volatile("wgmma.commit_group.sync.aligned;" ::: "memory");
+    asm volatile("wgmma.wait_group.sync.aligned 0;" ::: "memory");
+    fence_acc<TN / 2>(acc);
+    fence_regs(a0);
+  }
+
   // Epilogue: acc[4j + 2h + e] = y^T[row lrow + 8h, token 8j + 2t + e].
   T* y = static_cast<T*>(o.y);
   const T* bias = static_cast<const T*>(o.bias);
@@ -267,9 +297,21 @@ __global__ void sum_splits_kernel(const float* __restrict__ partial, int splits,
   }
 }
 
+// One call's operands: x [M, K] contiguous and 16-byte aligned; t [M, r] and lb [N, r] (LoRA, undefined without).
+template <typename T>
+struct Call {
+  const at::Tensor& x;
+  const W4& w;
+  const W4View& v;
+  const T* bias;
+  at::Tensor& y;
+  const at::Tensor& t;
+  const at::Tensor& lb;
+};
+
 template <typename T, int TN, bool DQ>
-void launch(const at::Tensor& x, const W4& w, const W4View& v, const T* bias, at::Tensor& y) {
-  const int64_t M = x.size(0), N = w.rows(), K = w.cols();
+void launch(const Call<T>& c) {
+  const int64_t M = c.x.size(0), N = c.w.rows(), K = c.w.cols();
   const int sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
   Out o{};
   o.M = M;
@@ -284,11 +326,11 @@ void launch(const at::Tensor& x, const W4& w, const W4View& v, const T* bias, at
   const int splits = static_cast<int>(ceil_div(ksteps, o.steps));
   at::Tensor partial;
   if (splits > 1) {
-    partial = at::empty({splits, M, N}, x.options().dtype(at::kFloat));
+    partial = at::empty({splits, M, N}, c.x.options().dtype(at::kFloat));
     o.partial = partial.data_ptr<float>();
   } else {
-    o.y = y.data_ptr();
-    o.bias = bias;
+    o.y = c.y.data_ptr();
+    o.bias = c.bias;
   }
   constexpr int smem = smem_bytes<TN>();
   static const bool attr = [] {
@@ -298,64 +340,91 @@ void launch(const at::Tensor& x, const W4& w, const W4View& v, const T* bias, at
   }();
   (void)attr;
   const auto type = std::is_same_v<T, __half> ? CU_TENSOR_MAP_DATA_TYPE_FLOAT16 : CU_TENSOR_MAP_DATA_TYPE_BFLOAT16;
-  const auto tm_x = tensor_map(x.data_ptr(), type, 2, M, K, TN, kBK, CU_TENSOR_MAP_SWIZZLE_128B);
-  const auto tm_w = tensor_map(w.packed.data_ptr(), CU_TENSOR_MAP_DATA_TYPE_UINT8, 1, N, K / 2, kRows, kBK / 2,
+  const auto tm_x = tensor_map(c.x.data_ptr(), type, 2, M, K, TN, kBK, CU_TENSOR_MAP_SWIZZLE_128B);
+  const auto tm_w = tensor_map(c.w.packed.data_ptr(), CU_TENSOR_MAP_DATA_TYPE_UINT8, 1, N, K / 2, kRows, kBK / 2,
                                CU_TENSOR_MAP_SWIZZLE_NONE);
+  const bool lora = c.t.defined();
+  if (lora) {
+    o.lora_b = c.lb.data_ptr();
+    o.r = static_cast<int>(c.t.size(1));
+  }
+  // Without LoRA the kernel never reads tm_t: x's map stands in.
+  const auto tm_t = lora ? tensor_map(c.t.data_ptr(), type, 2, M, o.r, TN, kBK, CU_TENSOR_MAP_SWIZZLE_128B) : tm_x;
   const auto stream = at::cuda::getCurrentCUDAStream();
-  swap_gemm_kernel<T, TN, DQ><<<dim3(static_cast<unsigned>(tiles), splits), kThreads, smem, stream>>>(v, o, tm_x, tm_w);
+  swap_gemm_kernel<T, TN, DQ>
+      <<<dim3(static_cast<unsigned>(tiles), splits), kThreads, smem, stream>>>(c.v, o, tm_x, tm_w, tm_t);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   if (splits > 1) {
     const int threads = 256;
     const int64_t grid = std::min<int64_t>(ceil_div(M * N, threads), 4 * sms);
-    sum_splits_kernel<T><<<grid, threads, 0, stream>>>(partial.data_ptr<float>(), splits, M * N, o.N, bias,
-                                                       static_cast<T*>(y.data_ptr()));
+    sum_splits_kernel<T><<<grid, threads, 0, stream>>>(partial.data_ptr<float>(), splits, M * N, o.N, c.bias,
+                                                       static_cast<T*>(c.y.data_ptr()));
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
 }
 
 template <typename T, int TN>
-void launch_dq(const at::Tensor& x, const W4& w, const W4View& v, const T* bias, at::Tensor& y) {
-  if (v.nested_absmax != nullptr) {
-    launch<T, TN, true>(x, w, v, bias, y);
+void launch_dq(const Call<T>& c) {
+  if (c.v.nested_absmax != nullptr) {
+    launch<T, TN, true>(c);
   } else {
-    launch<T, TN, false>(x, w, v, bias, y);
+    launch<T, TN, false>(c);
   }
 }
 
 template <typename T>
-void dispatch(const at::Tensor& x, const W4& w, const W4View& v, const T* bias, at::Tensor& y) {
-  const int64_t M = x.size(0);
+void dispatch(const Call<T>& c) {
+  const int64_t M = c.x.size(0);
   if (M <= 16) {
-    launch_dq<T, 16>(x, w, v, bias, y);
+    launch_dq<T, 16>(c);
   } else if (M <= 32) {
-    launch_dq<T, 32>(x, w, v, bias, y);
+    launch_dq<T, 32>(c);
   } else if (M <= 64) {
-    launch_dq<T, 64>(x, w, v, bias, y);
+    launch_dq<T, 64>(c);
   } else {
-    launch_dq<T, 128>(x, w, v, bias, y);
+    launch_dq<T, 128>(c);
   }
+}
+
+// A contiguous, 16-byte aligned copy of t where t is not one already.
+at::Tensor aligned(const at::Tensor& t) {
+  auto c = t.contiguous();
+  return aligned16(c.data_ptr()) ? c : c.clone();
 }
 
 }  // namespace
 
-bool gemm_swap(const at::Tensor& x_in, const W4& w, const c10::optional<at::Tensor>& bias, at::Tensor& y) {
-  const auto dt = x_in.scalar_type();
-  const int64_t M = x_in.size(0), N = w.rows(), K = w.cols();
+bool gemm_swap_eligible(const at::Tensor& x, const W4& w) {
+  const auto dt = x.scalar_type();
+  const int64_t M = x.size(0), N = w.rows(), K = w.cols();
   const bool pow2 = w.blocksize >= kBK && (w.blocksize & (w.blocksize - 1)) == 0;  // one scale per row per step
   const bool nested_pow2 = !w.double_quant() || (w.nested_blocksize & (w.nested_blocksize - 1)) == 0;
-  if ((dt != at::kBFloat16 && dt != at::kHalf) || M == 0 || N == 0 || K == 0 || K % kBK != 0 || !pow2 ||
-      !nested_pow2 || N >= (int64_t{1} << 31) || K >= (int64_t{1} << 31) || M >= (int64_t{1} << 31) ||
-      !aligned16(w.packed.data_ptr()) || !device_has_wgmma(x_in))
-    return false;
-  auto x = x_in.contiguous();
-  if (!aligned16(x.data_ptr())) x = x.clone();
-  at::Tensor b;
+  return (dt == at::kBFloat16 || dt == at::kHalf) && x.dim() == 2 && M > 0 && N > 0 && K > 0 && K % kBK == 0 &&
+         pow2 && nested_pow2 && N < (int64_t{1} << 31) && K < (int64_t{1} << 31) && M < (int64_t{1} << 31) &&
+         aligned16(w.packed.data_ptr()) && device_has_wgmma(x);
+}
+
+bool gemm_swap(const at::Tensor& x_in, const W4& w, const c10::optional<at::Tensor>& bias, at::Tensor& y,
+               const at::Tensor* lora_t, const at::Tensor* lora_b) {
+  const auto dt = x_in.scalar_type();
+  const int64_t M = x_in.size(0), N = w.rows();
+  const bool lora_ok = lora_t == nullptr ||
+                       (lora_t->scalar_type() == dt && lora_b->scalar_type() == dt && lora_t->dim() == 2 &&
+                        lora_b->dim() == 2 && lora_t->size(0) == M && lora_b->size(0) == N &&
+                        lora_t->size(1) == lora_b->size(1) && lora_t->size(1) % 8 == 0 && lora_t->size(1) > 0);
+  if (!lora_ok || !gemm_swap_eligible(x_in, w)) return false;
+  const auto x = aligned(x_in);
+  at::Tensor b, t, lb;
   if (bias) b = bias->to(dt).contiguous();
+  if (lora_t != nullptr) {
+    t = aligned(*lora_t);
+    lb = aligned(*lora_b);
+  }
   const W4View v = make_view(w, "gemm_4bit");
   if (dt == at::kHalf) {
-    dispatch<__half>(x, w, v, bias ? static_cast<const __half*>(b.data_ptr()) : nullptr, y);
+    dispatch<__half>({x, w, v, bias ? static_cast<const __half*>(b.data_ptr()) : nullptr, y, t, lb});
   } else {
-    dispatch<__nv_bfloat16>(x, w, v, bias ? static_cast<const __nv_bfloat16*>(b.data_ptr()) : nullptr, y);
+    dispatch<__nv_bfloat16>({x, w, v, bias ? static_cast<const __nv_bfloat16*>(b.data_ptr()) : nullptr, y, t, lb});
   }
   return true;
 }
