@@ -74,16 +74,6 @@ def build(label, env_over):
     return label, d, r
 
 
-def facts(so):
-    out = []
-    for cmd, keep in ((["readelf", "-d", so], ("NEEDED", "PATH")),
-                      (["nm", "-D", "--defined-only", so], ("Unwind", "__cxa_throw", "personality", "__gcc_"))):
-        if shutil.which(cmd[0]):
-            text = subprocess.run(cmd, capture_output=True, text=True).stdout
-            out += [f"{cmd[0]}: {ln.strip()}" for ln in text.splitlines() if any(k in ln for k in keep)]
-    return out
-
-
 def main():
     import torch
 
@@ -116,8 +106,9 @@ def main():
             shutil.rmtree(d, ignore_errors=True)
             continue
         so = [os.path.join(d, "nf4q", f) for f in os.listdir(os.path.join(d, "nf4q")) if f.startswith("_C")][0]
-        for ln in facts(so):
-            print("   ", ln)
+        for tool, lines in probe.so_facts(so, ("readelf", "nm")).items():
+            for ln in lines:
+                print(f"    {tool}: {ln}")
         for name, code in BAD_CALLS.items():
             if name.startswith("cuda") and not torch.cuda.is_available():
                 continue

@@ -130,6 +130,23 @@ def static_cxx_runtime(cxx, flags=("-fopenmp",)):
     return sorted(found)
 
 
+# What a built shared object links and exports, per tool: every ldd line, readelf -d's NEEDED/RPATH/RUNPATH, and
+# nm -D's defined C++-runtime symbols (a private __cxa_throw or personality routine means a static runtime).
+SO_FACTS = {"ldd": (["ldd"], None), "readelf": (["readelf", "-d"], ("NEEDED", "PATH")),
+            "nm": (["nm", "-D", "--defined-only"], ("Unwind", "__cxa_throw", "personality", "__gcc_"))}
+
+
+def so_facts(so, tools):
+    """{tool: [lines]} for the tools (keys of SO_FACTS) found on this machine."""
+    out = {}
+    for tool in tools:
+        cmd, keep = SO_FACTS[tool]
+        if shutil.which(cmd[0]):
+            text = subprocess.run([*cmd, so], capture_output=True, text=True).stdout
+            out[tool] = [ln.strip() for ln in text.splitlines() if keep is None or any(k in ln for k in keep)]
+    return out
+
+
 def probe(cxx, extra_ldflags=(), keep=None):
     """Build and call the probe with `cxx`: (status, details). status: "raises", "crash (signal N)",
     "build failed", or "wrong error"."""
@@ -142,11 +159,7 @@ def probe(cxx, extra_ldflags=(), keep=None):
     so = os.path.join(build, "nf4q_probe.so")
     details = {"returncode": r.returncode, "stderr_tail": r.stderr[-1500:]}
     if os.path.exists(so):
-        for tool in (["ldd", so], ["readelf", "-d", so]):
-            if shutil.which(tool[0]):
-                out = subprocess.run(tool, capture_output=True, text=True).stdout
-                details[tool[0]] = [ln.strip() for ln in out.splitlines()
-                                    if tool[0] == "ldd" or "NEEDED" in ln or "PATH" in ln]
+        details.update(so_facts(so, ("ldd", "readelf")))
     if keep is None:
         shutil.rmtree(build, ignore_errors=True)
     if r.returncode == 0:
