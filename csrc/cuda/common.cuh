@@ -132,6 +132,11 @@ void dispatch_float_types(at::ScalarType t, const char* what, F&& f) {
 }
 
 inline bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15) == 0; }
+// t, or a contiguous 16-byte aligned copy of it (a view with strides or an odd storage offset), for vector loads.
+inline at::Tensor contiguous_aligned16(const at::Tensor& t) {
+  auto c = t.contiguous();
+  return aligned16(c.data_ptr()) ? c : c.clone();
+}
 
 // ---- host entry points shared between the .cu files -------------------------------------------------------
 
@@ -168,7 +173,7 @@ bool gemm_fused(const at::Tensor& act, const W4& w, bool transposed, const at::T
 // Whether the wgmma kernel is the automatic choice for an [M, out_cols] product (measured, see notes/cuda.md).
 bool use_fused(int64_t M, int64_t out_cols);
 // Whether the swapped wgmma kernel is the automatic choice for a forward product with M rows.
-bool use_swap(int64_t M);
+bool use_swap(int64_t M, int64_t N);
 
 // out = act @ W^T (transposed = false; out [M, N]) or act @ W (true; out [M, K]) through cuBLAS on dequantized
 // slabs of W's rows, max(32 MiB, 2048 rows) of them at a time; accumulate adds to what out holds.

@@ -281,8 +281,7 @@ bool gemm_fused(const at::Tensor& act_in, const W4& w, bool transposed, const at
                 const at::Tensor* extra_w, const c10::optional<at::Tensor>& bias, at::Tensor& out) {
   if (!gemm_fused_eligible(act_in, w, transposed)) return false;
   const auto dt = act_in.scalar_type();
-  auto act = act_in.contiguous();
-  if (!aligned16(act.data_ptr())) act = act.clone();
+  const auto act = contiguous_aligned16(act_in);
   const int64_t M = act.size(0), N = w.rows(), K = w.cols();
   const int64_t n_out = transposed ? K : N;
   at::Tensor scales = w.absmax;  // fp32 per block, flat [N * K / bs]

@@ -1,7 +1,7 @@
-// CUDA gemm_4bit and gemm_4bit_dx: dispatch between the fused small-M kernel (gemv.cu), the swapped wgmma kernel
-// for 8 < M <= 512 (swap_gemm.cu, sm_90a), the x-as-A wgmma kernel (fused_gemm.cu: backward, and forward where the
-// swapped one does not apply) and, above that or where none applies (odd shapes, fp32, other GPUs), cuBLAS on
-// dequantized slabs of W (measurements in notes/cuda.md).
+// CUDA gemm_4bit and gemm_4bit_dx: dispatch between the swapped wgmma kernel for M <= 512 (swap_gemm.cu, sm_90a;
+// M <= 8 only for W of 8192 rows or more), the mma.sync small-M kernel (gemv.cu) for the other M <= 8, the x-as-A
+// wgmma kernel (fused_gemm.cu: backward, and forward where the swapped one does not apply) and, above that or where
+// none applies (odd shapes, fp32, other GPUs), cuBLAS on dequantized slabs of W (measurements in notes/cuda.md).
 #include <torch/library.h>
 
 #include "common.cuh"
@@ -9,16 +9,18 @@
 namespace nf4q::cuda {
 namespace {
 
-// Largest M for the mma.sync kernel by default (NF4Q_CUDA_GEMM overrides). bench_linear on the H200: at M = 1 it
-// beats the swapped kernel (78.6 vs 90.6 us at 28672x8192), at M = 16 it loses on three of four shapes (135 vs 91).
-constexpr int64_t kMmaMaxM = 8;
+// Largest M for the mma.sync kernel (NF4Q_CUDA_GEMM overrides). On a 9.0 GPU the swapped kernel takes M <= 8 too
+// where W has at least kSwapDecodeMinN rows: bench_linear on the H200, M = 1, mma vs swapped us: 28672x8192 79.7 vs
+// 66.9, 8192x28672 67.4 vs 66.3, 14336x4096 28.0 vs 25.1, 8192x8192 27.2 vs 27.6; with fewer row tiles its
+// split-K costs more than it saves (4096x14336 23.9 vs 25.0, 4096x4096 12.4 vs 17.6, 1024x8192 12.9 vs 15.4).
+constexpr int64_t kMmaMaxM = 8, kSwapDecodeMinN = 8192;
 // The x-as-A wgmma kernel: backward, and forward where the swapped one does not apply (block size 32), chosen
 // automatically for M <= 256 when its 128 x 128 tiles half-fill the GPU or more;
 // elsewhere dequantized slabs + cuBLAS won on the H200 (scratch measurements in notes/cuda.md: at M = 4096 the
 // kernel reaches ~320 TFLOP/s against cuBLAS's ~700; with few tiles its one-CTA-per-tile K loop is too long).
 constexpr int64_t kFusedMaxM = 256;
-// The swapped wgmma kernel (W as the register operand) for kMmaMaxM < M <= kSwapMaxM: at M = 256 it beat the
-// other paths on every shape (287 vs 424 wgmma, 525 dequant us at 28672x8192), at 512 it ties with dequant + cuBLAS.
+// The swapped wgmma kernel (W as the register operand) up to kSwapMaxM: at M = 256 it beat the other paths
+// on every shape (287 vs 424 wgmma, 525 dequant us at 28672x8192), at 512 it ties with dequant + cuBLAS.
 constexpr int64_t kSwapMaxM = 512;
 // Dequantized W the cuBLAS path holds at a time: 32 MiB (a 28672 x 8192 bf16 W is 448 MiB), but at least 2048
 // rows, since each slab re-reads the activations (forward) or re-writes dx (backward): 512-row slabs of the
@@ -68,13 +70,13 @@ at::Tensor gemm_2d(const at::Tensor& x2, const W4& w, const c10::optional<at::Te
     return y;
   }
   const auto path = forced_gemm_path();
+  if (path == GemmPath::kSwap || (path == GemmPath::kAuto && use_swap(M, N))) {
+    auto y = at::empty({M, N}, x2.options().dtype(dt));
+    if (gemm_swap(x2, w, bias, y)) return y;
+  }
   if (path == GemmPath::kMma || (path == GemmPath::kAuto && M <= kMmaMaxM)) {
     auto y = at::empty({M, N}, x2.options().dtype(dt));
     if (gemm_mma(x2, w, bias, y)) return y;
-  }
-  if (path == GemmPath::kSwap || (path == GemmPath::kAuto && use_swap(M))) {
-    auto y = at::empty({M, N}, x2.options().dtype(dt));
-    if (gemm_swap(x2, w, bias, y)) return y;
   }
   if (path == GemmPath::kFused || (path == GemmPath::kAuto && M > kMmaMaxM && use_fused(M, N))) {
     auto y = at::empty({M, N}, x2.options().dtype(dt));
@@ -87,7 +89,9 @@ at::Tensor gemm_2d(const at::Tensor& x2, const W4& w, const c10::optional<at::Te
   return y;
 }
 
-bool use_swap(int64_t M) { return M > kMmaMaxM && M <= kSwapMaxM; }
+bool use_swap(int64_t M, int64_t N) {
+  return M >= 1 && M <= kSwapMaxM && (M > kMmaMaxM || N >= kSwapDecodeMinN);
+}
 
 bool use_fused(int64_t M, int64_t out_cols) {
   const int64_t tiles = (M + 127) / 128 * (out_cols / 128);
@@ -121,8 +125,10 @@ void gemm_slabs(const at::Tensor& act, const W4& w, bool transposed, at::Tensor&
       dequant4_rect(w, K, s0, n, 0, K, wd, K);
       b = wd.t();
     }
-    if (accumulate) dst.addmm_(act, b);
-    else at::mm_out(dst, act, b);
+    if (accumulate)
+      dst.addmm_(act, b);
+    else
+      at::mm_out(dst, act, b);
   }
 }
 

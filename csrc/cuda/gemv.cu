@@ -268,8 +268,7 @@ bool gemm_mma(const at::Tensor& x2_in, const W4& w, const c10::optional<at::Tens
   if (dt != at::kHalf && dt != at::kBFloat16) return false;
   if (K % 32 != 0 || K == 0 || M == 0 || N == 0 || !aligned16(w.packed.data_ptr())) return false;
   if (M > INT32_MAX || N > INT32_MAX || K > INT32_MAX || M * K > INT32_MAX * int64_t{32}) return false;
-  auto x2 = x2_in.contiguous();
-  if (!aligned16(x2.data_ptr())) x2 = x2.clone();  // a view with an odd storage offset
+  const auto x2 = contiguous_aligned16(x2_in);
   at::Tensor b;
   if (bias) b = bias->to(dt).contiguous();
   const W4View v = make_view(w, "gemm_4bit");

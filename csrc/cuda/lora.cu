@@ -1,8 +1,9 @@
 // CUDA lora_gemm_4bit, lora_gemm_4bit_dx and lora_gemm_4bit_backward (d = LoRA dropout, csrc/common/dropout.h):
 //   y  = x W^T + bias + s (d(x) A^T) B^T
 //   dx = g W + d'(s (g B) A)      dA = s (g B)^T d(x)      dB = s g^T (d(x) A^T)
-// Paths for the base product: forward with 8 < M <= 512 on a 9.0 GPU (use_swap): the swapped wgmma kernel
-// (swap_gemm.cu) with the LoRA term as extra reduction steps. Otherwise M <= 64: gemm_2d, then one rank-r update.
+// Paths for the base product: forward with M <= 512 on a 9.0 GPU (use_swap; M <= 8 only for N >= 8192): the
+// swapped wgmma kernel (swap_gemm.cu) with the LoRA term as extra reduction steps. Otherwise M <= 64: gemm_2d, then
+// one rank-r update.
 // 64 < M <= 256 on a 9.0 GPU, where use_fused() says it wins (backward, or forward where the swapped kernel does not
 // apply): the wgmma kernel (fused_gemm.cu) over the concatenated inner dimension, [x, s d(x)A^T] @ [W, B]^T and
 // [g, s gB] @ [W; A], W dequantized only in shared memory. Elsewhere
@@ -118,7 +119,7 @@ at::Tensor lora_gemm_4bit(const at::Tensor& x, NF4Q_W4_PARAMS, const c10::option
   const int64_t M = x2.size(0), r = lora_A.size(0);
   const auto A = lora_A.to(dt), B = lora_B.to(dt);
   at::Tensor y;
-  if (forced_lora_path() == LoraPath::kAuto && use_swap(M) && r > 0 && gemm_swap_eligible(x2, w)) {
+  if (forced_lora_path() == LoraPath::kAuto && use_swap(M, N) && r > 0 && gemm_swap_eligible(x2, w)) {
     // the swapped wgmma kernel with the LoRA term as extra reduction steps (x gets no zero-padded copy)
     const auto t8 = pad8(mm_scaled(dropped(x2, dropout_p, seed), A.t(), scale)), B8 = pad8(B);
     y = at::empty({M, N}, x2.options());

@@ -1,14 +1,19 @@
-// Fused NF4 GEMM on Hopper for batches of 16-256 rows, with the operands swapped (Machete's arrangement):
+// Fused NF4 GEMM on Hopper for batches of 1-512 rows, with the operands swapped (Machete's arrangement):
 //   y^T[N, M] = W[N, K] . x[M, K]^T,   W = wgmma's A operand, in registers; x = its B operand, in shared memory.
-// Tensor cores are 64 rows tall, so a batch of 16-64 rows would waste most of an x-as-A tile; here the batch is
+// Tensor cores are 64 rows tall, so a batch of 1-64 rows would waste most of an x-as-A tile; here the batch is
 // wgmma's N (16..128 tokens per tile) and W's rows fill the 64-row side.
 //
 // One CTA = two warpgroups = 128 rows of W x TN tokens. Per 64-wide step of K, TMA brings the packed NF4 bytes of
 // those rows (128 x 32 bytes, the canonical layout) and x's tile (TN x 64, 128B-swizzled) into a ring of stages;
 // each thread then dequantizes exactly its own A fragment in registers -- rows g and g+8 of its warp's 16, k slots
 // 2t, 2t+1, 2t+8, 2t+9 of each k16 step, i.e. byte t of each 4-byte word of those rows -- with one lookup per
-// byte in a byte -> (code, code) table and one HMUL2 by the block scale, and issues four wgmma. The dequantized W
-// never touches shared memory (the x-as-A kernel in fused_gemm.cu writes and re-reads a 16 KB tile per step).
+// byte in a byte -> (code, code) table and the block scale, and issues four wgmma. The dequantized W never touches
+// shared memory (the x-as-A kernel in fused_gemm.cu writes and re-reads a 16 KB tile per step).
+//
+// What bounds it is instruction issue (ncu on the H200, 28672 x 8192, M = 16: 0.62 instructions issued per
+// scheduler cycle, DRAM 22% busy), so every per-byte instruction counts: the table is laid out so that a lookup is
+// one PRMT and one LDS (lut_shift), block scales are loaded four steps at a time, and 16-token tiles apply the
+// scales to the fp32 products (kPost) instead of to the fragments. notes/cuda.md has the measurements.
 //
 // When the row tiles x token tiles do not fill the SMs, K is split: each split writes fp32 partial sums and a
 // second kernel adds them in split order (deterministic) with the bias.
@@ -23,26 +28,40 @@ namespace {
 constexpr int kRows = 128, kBK = 64, kThreads = 256;
 constexpr int kRawBytes = kRows * kBK / 2;  // packed W of one step
 constexpr int kMinStepsPerSplit = 8;
-constexpr int kPrefetch = 4;  // steps between issuing a block scale's loads and using it
+constexpr int kGroup = 4;  // steps whose block scales are loaded together, one group ahead
 constexpr int kCtasPerSm = 2;
 
+// The kernel is bound by instruction issue (ncu: 0.62 issued per scheduler cycle, ~190 instructions per warp per
+// step, most of them the table addressing), so the table is laid out for the cheapest address: entry e of lane l's
+// copy at e * stride + 4 l, stride = 256 >> shift bytes, and the address of byte j of a word is one PRMT (byte j
+// next to the lane's byte: e << 8 | l << 2 + shift) and a shift. With 32 copies a warp's lookups hit 32 distinct
+// banks. The wide stride costs shared memory (64 KB at shift 0), so larger token tiles trade it for stages.
+template <int TN>
+constexpr int lut_shift() {
+  return TN <= 32 ? 0 : TN == 64 ? 1 : 2;
+}
+template <int TN>
+constexpr int lut_copies() {
+  return TN <= 64 ? 32 : 16;  // 128 tokens: 16 copies (2-way conflicts at worst) to leave room for stages
+}
+template <int TN>
+constexpr int lut_bytes() {
+  return 256 * (256 >> lut_shift<TN>());
+}
 // Stages of the TMA ring: as many as leave room for two CTAs per SM (while one waits at its barrier, the other's
 // dequantization and wgmma run).
 template <int TN>
 constexpr int stages() {
-  return TN <= 64 ? 6 : 4;
-}
-// Copies of the byte -> T2 table: with 32, lane l reads copy l and a warp's random lookups hit 32 distinct banks;
-// the 128-token tile keeps 16 (2-way conflicts at worst) to leave room for its stages.
-template <int TN>
-constexpr int lut_copies() {
-  return TN <= 64 ? 32 : 16;
+  return TN == 16 ? 6 : TN == 32 ? 5 : TN == 64 ? 6 : 4;
 }
 template <int TN>
 constexpr int smem_bytes() {
-  return 1024 /*alignment slack*/ + stages<TN>() * (TN * 128 + kRawBytes) + 256 * lut_copies<TN>() * 4 + 256 * 4 +
+  return 1024 /*alignment slack*/ + stages<TN>() * (TN * 128 + kRawBytes) + lut_bytes<TN>() + 256 * 4 +
          (stages<TN>() + 1) * 8 /*mbarriers: the ring's and the LoRA steps'*/;
 }
+static_assert(smem_bytes<16>() <= 113 * 1024 && smem_bytes<32>() <= 113 * 1024 && smem_bytes<64>() <= 113 * 1024 &&
+                  smem_bytes<128>() <= 113 * 1024,
+              "two CTAs per SM");
 
 struct Out {
   const void* bias;    // [N] or null
@@ -52,42 +71,45 @@ struct Out {
   int64_t M;
   int N, K, m_tiles, steps;  // steps: 64-wide K steps per split
   int r;                     // LoRA rank, a multiple of 8
+  bool vec;                  // block size 64, scales 4-aligned: one vector load per row covers a group of steps
 };
 
 #ifdef NF4Q_WGMMA
-// m64nTNk16 with A from four registers: D registers, A registers, the B descriptor, then the accumulators.
-#define NF4Q_WGMMA_RS(TN, TYPE, D, A, B, ...)                                                                    \
-  asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, 1, 0;\nwgmma.mma_async.sync.aligned.m64n" #TN "k16.f32." TYPE \
-               "." TYPE " {" D "}, {" A "}, " B ", p, 1, 1, 0;\n}\n"                                            \
-               : __VA_ARGS__                                                                                     \
-               : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(db))
-#define NF4Q_WGMMA_RS_SPECIALIZE(TN, D, A, B, ...)                                               \
-  template <>                                                                                    \
-  struct WgmmaRS<__nv_bfloat16, TN> {                                                            \
-    __device__ static void run(float* d, const uint32_t* a, uint64_t db) {                       \
-      NF4Q_WGMMA_RS(TN, "bf16", D, A, B, __VA_ARGS__);                                           \
-    }                                                                                            \
-  };                                                                                             \
-  template <>                                                                                    \
-  struct WgmmaRS<__half, TN> {                                                                   \
-    __device__ static void run(float* d, const uint32_t* a, uint64_t db) {                       \
-      NF4Q_WGMMA_RS(TN, "f16", D, A, B, __VA_ARGS__);                                            \
-    }                                                                                            \
+// m64nTNk16 with A from four registers: D registers, A registers, the B descriptor, scale-d (0: D = A B, 1:
+// D += A B), then the accumulators.
+#define NF4Q_WGMMA_RS(TN, TYPE, D, A, B, SD, ...)                                                                   \
+  asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, " SD ", 0;\nwgmma.mma_async.sync.aligned.m64n" #TN "k16.f32." TYPE \
+               "." TYPE " {" D "}, {" A "}, " B ", p, 1, 1, 0;\n}\n"                                                \
+               : __VA_ARGS__                                                                                        \
+               : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(db), "r"(accumulate))
+#define NF4Q_WGMMA_RS_SPECIALIZE(TN, D, A, B, SD, ...)                                              \
+  template <>                                                                                       \
+  struct WgmmaRS<__nv_bfloat16, TN> {                                                               \
+    __device__ static void run(float* d, const uint32_t* a, uint64_t db, uint32_t accumulate = 1) { \
+      NF4Q_WGMMA_RS(TN, "bf16", D, A, B, SD, __VA_ARGS__);                                          \
+    }                                                                                               \
+  };                                                                                                \
+  template <>                                                                                       \
+  struct WgmmaRS<__half, TN> {                                                                      \
+    __device__ static void run(float* d, const uint32_t* a, uint64_t db, uint32_t accumulate = 1) { \
+      NF4Q_WGMMA_RS(TN, "f16", D, A, B, SD, __VA_ARGS__);                                           \
+    }                                                                                               \
   };
 
-template <typename T, int TN> struct WgmmaRS;
-NF4Q_WGMMA_RS_SPECIALIZE(16, "%0,%1,%2,%3,%4,%5,%6,%7", "%8,%9,%10,%11", "%12", NF4Q_ACC8(0))
-NF4Q_WGMMA_RS_SPECIALIZE(32, "%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15", "%16,%17,%18,%19", "%20",
+template <typename T, int TN>
+struct WgmmaRS;
+NF4Q_WGMMA_RS_SPECIALIZE(16, "%0,%1,%2,%3,%4,%5,%6,%7", "%8,%9,%10,%11", "%12", "%13", NF4Q_ACC8(0))
+NF4Q_WGMMA_RS_SPECIALIZE(32, "%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15", "%16,%17,%18,%19", "%20", "%21",
                          NF4Q_ACC8(0), NF4Q_ACC8(8))
 NF4Q_WGMMA_RS_SPECIALIZE(64,
                          "%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15,%16,%17,%18,%19,%20,%21,%22,%23,"
                          "%24,%25,%26,%27,%28,%29,%30,%31",
-                         "%32,%33,%34,%35", "%36", NF4Q_ACC8(0), NF4Q_ACC8(8), NF4Q_ACC8(16), NF4Q_ACC8(24))
+                         "%32,%33,%34,%35", "%36", "%37", NF4Q_ACC8(0), NF4Q_ACC8(8), NF4Q_ACC8(16), NF4Q_ACC8(24))
 NF4Q_WGMMA_RS_SPECIALIZE(128,
                          "%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15,%16,%17,%18,%19,%20,%21,%22,%23,"
                          "%24,%25,%26,%27,%28,%29,%30,%31,%32,%33,%34,%35,%36,%37,%38,%39,%40,%41,%42,%43,%44,%45,"
                          "%46,%47,%48,%49,%50,%51,%52,%53,%54,%55,%56,%57,%58,%59,%60,%61,%62,%63",
-                         "%64,%65,%66,%67", "%68", NF4Q_ACC8(0), NF4Q_ACC8(8), NF4Q_ACC8(16), NF4Q_ACC8(24),
+                         "%64,%65,%66,%67", "%68", "%69", NF4Q_ACC8(0), NF4Q_ACC8(8), NF4Q_ACC8(16), NF4Q_ACC8(24),
                          NF4Q_ACC8(32), NF4Q_ACC8(40), NF4Q_ACC8(48), NF4Q_ACC8(56))
 
 __device__ __forceinline__ void fence_regs(uint32_t (&a)[16]) {
@@ -101,19 +123,23 @@ __global__ void __launch_bounds__(kThreads, kCtasPerSm)
     swap_gemm_kernel(const W4View w, const Out o, const __grid_constant__ CUtensorMap tm_x,
                      const __grid_constant__ CUtensorMap tm_w, const __grid_constant__ CUtensorMap tm_t) {
 #ifdef NF4Q_WGMMA
-  constexpr int S = stages<TN>(), kXBytes = TN * 128, kCopies = lut_copies<TN>();
+  constexpr int S = stages<TN>(), kXBytes = TN * 128, kCopies = lut_copies<TN>(), kShift = lut_shift<TN>();
+  constexpr bool kPost = TN == 16;  // block scales applied to the fp32 products (see b0, b1 below)
   extern __shared__ uint8_t smem_raw[];
-  uint8_t* smem = smem_raw + ((1024 - (smem_addr(smem_raw) & 1023)) & 1023);
-  uint8_t* x_s = smem;                   // S x [TN tokens x 64 k], 128B-swizzled
-  uint8_t* raw_s = x_s + S * kXBytes;    // S x [128 rows x 32 bytes]
-  uint32_t* lut = reinterpret_cast<uint32_t*>(raw_s + S * kRawBytes);  // byte -> T2, kCopies copies
-  float* ncode = reinterpret_cast<float*>(lut + 256 * kCopies);
+  // The table first, at an address the compiler knows (a lookup is then one PRMT, a shift and an LDS with an
+  // immediate offset), then the 1024-aligned stages.
+  uint8_t* lut = smem_raw;  // byte -> T2, kCopies copies (see lut_shift)
+  uint8_t* smem = lut + lut_bytes<TN>();
+  smem += (1024 - (smem_addr(smem) & 1023)) & 1023;
+  uint8_t* x_s = smem;                 // S x [TN tokens x 64 k], 128B-swizzled
+  uint8_t* raw_s = x_s + S * kXBytes;  // S x [128 rows x 32 bytes]
+  float* ncode = reinterpret_cast<float*>(raw_s + S * kRawBytes);
   const uint32_t bars = smem_addr(ncode + 256);
 
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, g = lane >> 2, tig = lane & 3;
   {
     const uint32_t v = Cvt<T>::pack(__ldg(w.code + (tid >> 4)), __ldg(w.code + (tid & 15)));
-    uint4* dst = reinterpret_cast<uint4*>(lut + tid * kCopies);
+    uint4* dst = reinterpret_cast<uint4*>(lut + tid * (256 >> kShift));
 #pragma unroll
     for (int i = 0; i < kCopies / 4; ++i) dst[i] = make_uint4(v, v, v, v);
     if (DQ) ncode[tid] = __ldg(w.nested_code + tid);
@@ -131,41 +157,72 @@ __global__ void __launch_bounds__(kThreads, kCtasPerSm)
   const int lrow = (warp >> 2) * 64 + (warp & 3) * 16 + g;  // rows lrow and lrow + 8 of the tile
   const int row_a = n0 + lrow, row_b = row_a + 8;
   const float offset = DQ ? __ldg(w.nested_offset) : 0.f;
-  const uint32_t shift = 8 * tig;
+  // PRMT selector: byte 0 = the lane's byte (lane_byte), byte 1 = byte t of the word, bytes 2, 3 = zero.
+  const uint32_t lane_byte = (lane % kCopies) << (2 + kShift), sel = 0x5504u | (tig << 4);
 
-  // Block scales come from global memory (uint8 code + nested fp32, or fp32), so their loads are issued
-  // kPrefetch steps ahead into registers: waited on at the step that uses them, they cost a DRAM latency
-  // per step (measured: ~1 us, the whole budget of a step). Block sizes >= 64: one scale per row per step.
+  // Block scales come from global memory (uint8 code + nested fp32, or fp32), one per row per step. They are loaded
+  // a group of kGroup steps at a time (with block size 64: one 4-byte code word or one float4 per row, fewer
+  // instructions) and a group ahead: waited on at the step that uses them, they would cost a DRAM latency.
   struct Scales {
-    uint32_t qa, qb;  // double quant: the 8-bit codes of rows a and b
-    float sa, sb;     // their nested fp32 scale, or the fp32 absmax itself
+    uint32_t qa, qb;               // double quant: byte j = the 8-bit code of rows a and b at step j of the group
+    float sa[kGroup], sb[kGroup];  // their nested fp32 scale, or the fp32 absmax itself
   };
   const int ra_c = min(row_a, o.N - 1), rb_c = min(row_b, o.N - 1);  // rows past N: any valid address
-  auto fetch = [&](int i, Scales& f) {
-    if (i >= nsteps) return;
-    const int64_t k = int64_t{kt0 + i} * kBK;
+  const uint8_t* codes = static_cast<const uint8_t*>(w.absmax);
+  const float* absmax = static_cast<const float*>(w.absmax);
+  auto fetch = [&](int i0, Scales& f) {
+    if (i0 >= nsteps) return;
+    const int64_t k = int64_t{kt0 + i0} * kBK;
     const int64_t ba = (int64_t{ra_c} * o.K + k) >> w.log2_bs, bb = (int64_t{rb_c} * o.K + k) >> w.log2_bs;
-    if (DQ) {
-      f.qa = __ldg(static_cast<const uint8_t*>(w.absmax) + ba);
-      f.qb = __ldg(static_cast<const uint8_t*>(w.absmax) + bb);
-      f.sa = __ldg(w.nested_absmax + (ba >> w.nested_log2));
-      f.sb = __ldg(w.nested_absmax + (bb >> w.nested_log2));
-    } else {
-      f.sa = __ldg(static_cast<const float*>(w.absmax) + ba);
-      f.sb = __ldg(static_cast<const float*>(w.absmax) + bb);
+    if (o.vec) {  // blocks ba..ba+3 are the group's four steps, in one nested block
+      if (DQ) {
+        f.qa = __ldg(reinterpret_cast<const uint32_t*>(codes + ba));
+        f.qb = __ldg(reinterpret_cast<const uint32_t*>(codes + bb));
+        const float na = __ldg(w.nested_absmax + (ba >> w.nested_log2));
+        const float nb = __ldg(w.nested_absmax + (bb >> w.nested_log2));
+#pragma unroll
+        for (int j = 0; j < kGroup; ++j) f.sa[j] = na, f.sb[j] = nb;
+      } else {
+        const float4 va = __ldg(reinterpret_cast<const float4*>(absmax + ba));
+        const float4 vb = __ldg(reinterpret_cast<const float4*>(absmax + bb));
+        f.sa[0] = va.x, f.sa[1] = va.y, f.sa[2] = va.z, f.sa[3] = va.w;
+        f.sb[0] = vb.x, f.sb[1] = vb.y, f.sb[2] = vb.z, f.sb[3] = vb.w;
+      }
+      return;
+    }
+    f.qa = f.qb = 0;
+#pragma unroll
+    for (int j = 0; j < kGroup; ++j) {
+      if (i0 + j >= nsteps) break;
+      const int64_t ja = (int64_t{ra_c} * o.K + k + j * kBK) >> w.log2_bs;
+      const int64_t jb = (int64_t{rb_c} * o.K + k + j * kBK) >> w.log2_bs;
+      if (DQ) {
+        f.qa |= uint32_t{__ldg(codes + ja)} << (8 * j);
+        f.qb |= uint32_t{__ldg(codes + jb)} << (8 * j);
+        f.sa[j] = __ldg(w.nested_absmax + (ja >> w.nested_log2));
+        f.sb[j] = __ldg(w.nested_absmax + (jb >> w.nested_log2));
+      } else {
+        f.sa[j] = __ldg(absmax + ja);
+        f.sb[j] = __ldg(absmax + jb);
+      }
     }
   };
-  auto splat = [&](uint32_t q, float s, bool valid) -> uint32_t {  // a block scale as a T2 pair
-    const float a = DQ ? fmaf(ncode[q], s, offset) : s;
-    return valid ? Cvt<T>::pack(a, a) : 0u;  // rows past N: TMA zero-filled bytes, and a zero scale
+  auto scale_of = [&](uint32_t q, float s, bool valid) {  // rows past N (TMA zero-filled bytes): a zero scale
+    return valid ? (DQ ? fmaf(ncode[q], s, offset) : s) : 0.f;
   };
-  auto look = [&](uint32_t word) {  // the T2 pair of byte `tig` of word, from this lane's copy of the table
-    return lut[((word >> shift) & 0xffu) * kCopies + (lane % kCopies)];
+  // The T2 pair of byte t of word, from this lane's copy of the table.
+  auto look = [&](uint32_t word) {
+    uint32_t off;
+    asm("prmt.b32 %0, %1, %2, %3;" : "=r"(off) : "r"(word), "r"(lane_byte), "r"(sel));
+    return *reinterpret_cast<const uint32_t*>(lut + (off >> kShift));
   };
 
-  // This thread's A fragments of step i: a[4s..4s+3] = rows (g, g+8) x k slots (2t.., 2t+8..) of k16 step s.
-  auto build = [&](int i, uint32_t(&a)[16], uint32_t sa, uint32_t sb) {
-    const uint8_t* raw = raw_s + (i % S) * kRawBytes;
+  // This thread's A fragments of step i: a[4s..4s+3] = rows (g, g+8) x k slots (2t.., 2t+8..) of k16 step s; the
+  // codes times the block scales fa, fb, or (kPost) the codes alone.
+  auto build = [&](uint32_t slot, uint32_t(&a)[16], float fa, float fb) {
+    const uint32_t sa = Cvt<T>::pack(fa, fa), sb = Cvt<T>::pack(fb, fb);
+    const uint8_t* raw = raw_s + slot * kRawBytes;
+    // Canonical k order: slots 2t, 2t+1 of step s are byte t of word 2s (and 2t+8.. of word 2s + 1) of the row.
     const uint4 qa0 = *reinterpret_cast<const uint4*>(raw + lrow * 32);
     const uint4 qa1 = *reinterpret_cast<const uint4*>(raw + lrow * 32 + 16);
     const uint4 qb0 = *reinterpret_cast<const uint4*>(raw + (lrow + 8) * 32);
@@ -174,64 +231,107 @@ __global__ void __launch_bounds__(kThreads, kCtasPerSm)
     const uint32_t wb[8] = {qb0.x, qb0.y, qb0.z, qb0.w, qb1.x, qb1.y, qb1.z, qb1.w};
 #pragma unroll
     for (int s = 0; s < 4; ++s) {
-      a[4 * s + 0] = hmul2<T>(look(wa[2 * s]), sa);
-      a[4 * s + 1] = hmul2<T>(look(wb[2 * s]), sb);
-      a[4 * s + 2] = hmul2<T>(look(wa[2 * s + 1]), sa);
-      a[4 * s + 3] = hmul2<T>(look(wb[2 * s + 1]), sb);
+      a[4 * s + 0] = look(wa[2 * s]);
+      a[4 * s + 1] = look(wb[2 * s]);
+      a[4 * s + 2] = look(wa[2 * s + 1]);
+      a[4 * s + 3] = look(wb[2 * s + 1]);
+      if (!kPost) {
+        a[4 * s + 0] = hmul2<T>(a[4 * s + 0], sa);
+        a[4 * s + 1] = hmul2<T>(a[4 * s + 1], sb);
+        a[4 * s + 2] = hmul2<T>(a[4 * s + 2], sa);
+        a[4 * s + 3] = hmul2<T>(a[4 * s + 3], sb);
+      }
     }
   };
 
-  auto load_stage = [&](int i) {  // one thread: step i into slot i % S
-    const uint32_t bar = bars + 8 * (i % S);
+  auto load_stage = [&](int i, uint32_t slot) {  // one thread: step i into stage slot
+    const uint32_t bar = bars + 8 * slot;
     mbar_expect(bar, kXBytes + kRawBytes);
-    tma_load(smem_addr(x_s + (i % S) * kXBytes), &tm_x, (kt0 + i) * kBK, static_cast<int>(m0), bar);
-    tma_load(smem_addr(raw_s + (i % S) * kRawBytes), &tm_w, (kt0 + i) * kBK / 2, n0, bar);
+    tma_load(smem_addr(x_s + slot * kXBytes), &tm_x, (kt0 + i) * kBK, static_cast<int>(m0), bar);
+    tma_load(smem_addr(raw_s + slot * kRawBytes), &tm_w, (kt0 + i) * kBK / 2, n0, bar);
   };
   if (tid == 0)
-    for (int i = 0; i < S - 1 && i < nsteps; ++i) load_stage(i);
-  Scales pre[kPrefetch];
-#pragma unroll
-  for (int j = 0; j < kPrefetch; ++j) fetch(j, pre[j]);
+    for (int i = 0; i < S - 1 && i < nsteps; ++i) load_stage(i, i);
+  Scales sc0, sc1;
+  fetch(0, sc0);
 
-  float acc[TN / 2];
+  // kPost (16-token tiles): each step's product goes to its own accumulator blk (scale-d = 0 on its first wgmma) and
+  // is added to acc times the fp32 block scales at the next step, once that step's fragments are built. At 16 tokens
+  // that is 8 FFMA per step instead of 16 HMUL2 on the A fragments (the kernel is bound by instruction issue), and the
+  // scale is applied in fp32 (one rounding fewer). Wider tiles would need more FFMA than HMUL2.
+  float acc[TN / 2], blk[TN / 2];
 #pragma unroll
-  for (int i = 0; i < TN / 2; ++i) acc[i] = 0.f;
+  for (int i = 0; i < TN / 2; ++i) acc[i] = blk[i] = 0.f;
+  float pa = 0.f, pb = 0.f;  // kPost: the block scales of the product in blk
+  auto fold = [&] {          // acc[4j + 2h + e] is row a (h = 0) or b (h = 1)
+#pragma unroll
+    for (int k = 0; k < TN / 2; ++k) acc[k] = fmaf(blk[k], (k & 2) ? pb : pa, acc[k]);
+  };
   uint32_t a0[16], a1[16];
-  // Step i: dequantize into a (the registers step i - 2 used; its wgmma has finished), issue, then wait for step
-  // i - 1's wgmma so that its stage can be refilled while step i's runs.
-  auto step = [&](int i, uint32_t(&a)[16], Scales& f) {
-    const uint32_t sa = splat(f.qa, f.sa, row_a < o.N), sb = splat(f.qb, f.sb, row_b < o.N);
-    fetch(i + kPrefetch, f);
-    mbar_wait(bars + 8 * (i % S), (i / S) & 1);
-    build(i, a, sa, sb);
+  uint32_t slot = 0, phase = 0;  // the stage step i reads, and the parity of its barrier
+  const uint64_t x_desc = desc_sw128(smem_addr(x_s));
+  // Step i (step j of its scale group): dequantize into a (the registers step i - 2 used; its wgmma has finished)
+  // while step i - 1's wgmma runs, and issue. kPost: wait for step i - 1's product before issuing into blk; else:
+  // wait for it after issuing into acc. Either way step i - 1's stage is then free to be refilled.
+  auto step = [&](int i, uint32_t(&a)[16], const Scales& f, int j) {
+    const float fa = scale_of((f.qa >> (8 * j)) & 0xffu, f.sa[j], row_a < o.N);
+    const float fb = scale_of((f.qb >> (8 * j)) & 0xffu, f.sb[j], row_b < o.N);
+    mbar_wait(bars + 8 * slot, phase);
+    build(slot, a, fa, fb);
     fence_regs(a);
-    fence_acc<TN / 2>(acc);
+    float(&d)[TN / 2] = kPost ? blk : acc;
+    if (kPost) {
+      asm volatile("wgmma.wait_group.sync.aligned 0;" ::: "memory");
+      fence_acc<TN / 2>(blk);
+      fold();  // at i = 0: zeros times zero scales
+      pa = fa, pb = fb;
+    }
+    fence_acc<TN / 2>(d);
     asm volatile("wgmma.fence.sync.aligned;" ::: "memory");
-    const uint32_t xs = smem_addr(x_s + (i % S) * kXBytes);
+    const uint64_t xd = x_desc + ((slot * kXBytes) >> 4);  // the start address field, in 16-byte units
 #pragma unroll
-    for (int s = 0; s < 4; ++s) WgmmaRS<T, TN>::run(acc, a + 4 * s, desc_sw128(xs + 32 * s));
+    for (int s = 0; s < 4; ++s) WgmmaRS<T, TN>::run(d, a + 4 * s, xd + 2 * s, kPost && s == 0 ? 0u : 1u);
     asm volatile("wgmma.commit_group.sync.aligned;" ::: "memory");
-    asm volatile("wgmma.wait_group.sync.aligned 1;" ::: "memory");
-    fence_acc<TN / 2>(acc);
+    if (!kPost) asm volatile("wgmma.wait_group.sync.aligned 1;" ::: "memory");
+    fence_acc<TN / 2>(d);
     fence_regs(a);
     __syncthreads();  // every warpgroup is done with step i - 1's stage
-    if (tid == 0 && i + S - 1 < nsteps) load_stage(i + S - 1);
+    if (tid == 0 && i + S - 1 < nsteps) load_stage(i + S - 1, slot == 0 ? S - 1 : slot - 1);  // step i - 1's
+    if (++slot == S) slot = 0, phase ^= 1;
   };
-  static_assert(kPrefetch == 4, "the loop below is unrolled by 4");
+  // Groups of kGroup steps, each with the scales of one group while the next group's loads are in flight.
+  static_assert(kGroup == 4, "the loops below are unrolled by 4");
   int i = 0;
-  for (; i + 3 < nsteps; i += 4) {
-    step(i, a0, pre[0]);
-    step(i + 1, a1, pre[1]);
-    step(i + 2, a0, pre[2]);
-    step(i + 3, a1, pre[3]);
+  for (; i + 2 * kGroup <= nsteps; i += 2 * kGroup) {
+    fetch(i + kGroup, sc1);
+    step(i, a0, sc0, 0);
+    step(i + 1, a1, sc0, 1);
+    step(i + 2, a0, sc0, 2);
+    step(i + 3, a1, sc0, 3);
+    fetch(i + 2 * kGroup, sc0);
+    step(i + 4, a0, sc1, 0);
+    step(i + 5, a1, sc1, 1);
+    step(i + 6, a0, sc1, 2);
+    step(i + 7, a1, sc1, 3);
   }
-  if (i < nsteps) step(i, a0, pre[0]);
-  if (i + 1 < nsteps) step(i + 1, a1, pre[1]);
-  if (i + 2 < nsteps) step(i + 2, a0, pre[2]);
+  if (i + kGroup <= nsteps) {  // one whole group left
+    fetch(i + kGroup, sc1);
+    step(i, a0, sc0, 0);
+    step(i + 1, a1, sc0, 1);
+    step(i + 2, a0, sc0, 2);
+    step(i + 3, a1, sc0, 3);
+    i += kGroup;
+    sc0 = sc1;
+  }
+  if (i < nsteps) step(i, a0, sc0, 0);  // and up to three steps
+  if (i + 1 < nsteps) step(i + 1, a1, sc0, 1);
+  if (i + 2 < nsteps) step(i + 2, a0, sc0, 2);
   asm volatile("wgmma.wait_group.sync.aligned 0;" ::: "memory");
   fence_acc<TN / 2>(acc);
+  fence_acc<TN / 2>(blk);
   fence_regs(a0);
   fence_regs(a1);
+  if (kPost) fold();  // the last step's product
 
   // The LoRA term as extra reduction steps (first split only): A = lora_B's rows, straight from global memory into
   // registers (k slots past r read as zero), B = t's tile by TMA into stage 0 (columns past r zero-filled).
@@ -322,7 +422,8 @@ void launch(const Call<T>& c) {
   TORCH_CHECK(tiles < INT32_MAX, "nf4q: gemm_swap: too many tiles");
   // Split K while the tiles leave CTA slots idle, keeping at least kMinStepsPerSplit steps per split.
   const int64_t want = std::max<int64_t>(1, std::min<int64_t>(kCtasPerSm * sms / tiles, ksteps / kMinStepsPerSplit));
-  o.steps = static_cast<int>(ceil_div(ksteps, want));
+  // Whole scale groups per split, so that a split starts 4-aligned.
+  o.steps = static_cast<int>(ceil_div(ceil_div(ksteps, want), kGroup) * kGroup);
   const int splits = static_cast<int>(ceil_div(ksteps, o.steps));
   at::Tensor partial;
   if (splits > 1) {
@@ -332,10 +433,12 @@ void launch(const Call<T>& c) {
     o.y = c.y.data_ptr();
     o.bias = c.bias;
   }
+  const auto scales = reinterpret_cast<uintptr_t>(c.v.absmax);
+  o.vec = c.v.log2_bs == 6 && ksteps % kGroup == 0 && (DQ ? c.v.nested_log2 >= 2 && scales % 4 == 0 : scales % 16 == 0);
   constexpr int smem = smem_bytes<TN>();
   static const bool attr = [] {
-    C10_CUDA_CHECK(cudaFuncSetAttribute(swap_gemm_kernel<T, TN, DQ>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                        smem));
+    C10_CUDA_CHECK(
+        cudaFuncSetAttribute(swap_gemm_kernel<T, TN, DQ>, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
     return true;
   }();
   (void)attr;
@@ -386,12 +489,6 @@ void dispatch(const Call<T>& c) {
   }
 }
 
-// A contiguous, 16-byte aligned copy of t where t is not one already.
-at::Tensor aligned(const at::Tensor& t) {
-  auto c = t.contiguous();
-  return aligned16(c.data_ptr()) ? c : c.clone();
-}
-
 }  // namespace
 
 bool gemm_swap_eligible(const at::Tensor& x, const W4& w) {
@@ -399,8 +496,8 @@ bool gemm_swap_eligible(const at::Tensor& x, const W4& w) {
   const int64_t M = x.size(0), N = w.rows(), K = w.cols();
   const bool pow2 = w.blocksize >= kBK && (w.blocksize & (w.blocksize - 1)) == 0;  // one scale per row per step
   const bool nested_pow2 = !w.double_quant() || (w.nested_blocksize & (w.nested_blocksize - 1)) == 0;
-  return (dt == at::kBFloat16 || dt == at::kHalf) && x.dim() == 2 && M > 0 && N > 0 && K > 0 && K % kBK == 0 &&
-         pow2 && nested_pow2 && N < (int64_t{1} << 31) && K < (int64_t{1} << 31) && M < (int64_t{1} << 31) &&
+  return (dt == at::kBFloat16 || dt == at::kHalf) && x.dim() == 2 && M > 0 && N > 0 && K > 0 && K % kBK == 0 && pow2 &&
+         nested_pow2 && N < (int64_t{1} << 31) && K < (int64_t{1} << 31) && M < (int64_t{1} << 31) &&
          aligned16(w.packed.data_ptr()) && device_has_wgmma(x);
 }
 
@@ -408,17 +505,17 @@ bool gemm_swap(const at::Tensor& x_in, const W4& w, const c10::optional<at::Tens
                const at::Tensor* lora_t, const at::Tensor* lora_b) {
   const auto dt = x_in.scalar_type();
   const int64_t M = x_in.size(0), N = w.rows();
-  const bool lora_ok = lora_t == nullptr ||
-                       (lora_t->scalar_type() == dt && lora_b->scalar_type() == dt && lora_t->dim() == 2 &&
-                        lora_b->dim() == 2 && lora_t->size(0) == M && lora_b->size(0) == N &&
-                        lora_t->size(1) == lora_b->size(1) && lora_t->size(1) % 8 == 0 && lora_t->size(1) > 0);
+  const bool lora_ok =
+      lora_t == nullptr || (lora_t->scalar_type() == dt && lora_b->scalar_type() == dt && lora_t->dim() == 2 &&
+                            lora_b->dim() == 2 && lora_t->size(0) == M && lora_b->size(0) == N &&
+                            lora_t->size(1) == lora_b->size(1) && lora_t->size(1) % 8 == 0 && lora_t->size(1) > 0);
   if (!lora_ok || !gemm_swap_eligible(x_in, w)) return false;
-  const auto x = aligned(x_in);
+  const auto x = contiguous_aligned16(x_in);
   at::Tensor b, t, lb;
   if (bias) b = bias->to(dt).contiguous();
   if (lora_t != nullptr) {
-    t = aligned(*lora_t);
-    lb = aligned(*lora_b);
+    t = contiguous_aligned16(*lora_t);
+    lb = contiguous_aligned16(*lora_b);
   }
   const W4View v = make_view(w, "gemm_4bit");
   if (dt == at::kHalf) {
