@@ -1,0 +1,47 @@
+"""The swapped NF4 GEMM is bound by instruction issue (ncu on the H200, notes/cuda.md), so its instruction count per
+64-wide K step is its speed budget. Read from the built extension's SASS (scripts/sass_budget.py): no GPU needed,
+so CI checks it wherever the CUDA kernels are built for sm_90a and cuobjdump (CUDA toolkit or triton) is there.
+
+Budget: the 16- and 32-token tiles (M <= 32: decode and small batches) measured 121 and 131 instructions per step
+with nvcc 13.0 (191 before the table lookups became one PRMT each); a change that adds more than ~10% or makes
+ptxas serialize their wgmma fails here, before anyone times it."""
+import glob
+import importlib.util
+import os
+
+import pytest
+
+import nf4q
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+_spec = importlib.util.spec_from_file_location("sass_budget", os.path.join(ROOT, "scripts", "sass_budget.py"))
+sass_budget = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(sass_budget)
+
+BUDGET = {16: 135, 32: 145}
+
+
+@pytest.fixture(scope="module")
+def counts():
+    so = glob.glob(os.path.join(os.path.dirname(nf4q.__file__), "_C*.so"))
+    if not so or sass_budget.find_cuobjdump() is None:
+        pytest.skip("needs the built extension and cuobjdump")
+    found = sass_budget.budget(so[0])
+    if not found:
+        pytest.skip(f"no {sass_budget.CUBIN} in the extension (built without CUDA or without sm_90a)")
+    return found
+
+
+@pytest.mark.parametrize("dtype", ["bf16", "fp16"])
+@pytest.mark.parametrize("tokens", sorted(BUDGET))
+@pytest.mark.parametrize("double_quant", [True, False])
+def test_small_tiles_stay_within_their_instruction_budget(counts, dtype, tokens, double_quant):
+    per_step, serialized = counts[(dtype, tokens, double_quant)]
+    assert not serialized, "ptxas serialized the wgmma of this tile (register pressure, warning C7511)"
+    assert per_step <= BUDGET[tokens], f"{per_step} instructions per K step (budget {BUDGET[tokens]})"
+
+
+def test_every_instantiation_is_found(counts):
+    """All 16 kernels (2 dtypes x 4 tiles x double quant or not) are read, each with a step count."""
+    assert len(counts) == 16
+    assert all(v is not None and v[0] > 50 for v in counts.values())
