@@ -2,8 +2,9 @@
 built extension's machine code (SASS) with cuobjdump, so it needs no GPU.
 
 That kernel is bound by instruction issue, not by memory (ncu on the H200: 0.62 instructions issued per scheduler
-cycle; notes/cuda.md), so its speed follows this count: 191 per step before the table lookups became one PRMT each,
-121 after. tests/test_sass_budget.py keeps it from growing back.
+cycle; notes/cuda.md), so its speed follows this count: ncu counted 191 executed per step before the table lookups
+became one PRMT each; this script counts 121 (static, 16 tokens, double quant) after. tests/test_sass_budget.py
+keeps it from growing back.
 
     python scripts/sass_budget.py [path/to/nf4q/_C.so]   # one line per kernel instantiation
 

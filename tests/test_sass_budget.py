@@ -2,9 +2,9 @@
 64-wide K step is its speed budget. Read from the built extension's SASS (scripts/sass_budget.py): no GPU needed,
 so CI checks it wherever the CUDA kernels are built for sm_90a and cuobjdump (CUDA toolkit or triton) is there.
 
-Budget: the 16- and 32-token tiles (M <= 32: decode and small batches) measured 121 and 131 instructions per step
-with nvcc 13.0 (191 before the table lookups became one PRMT each); a change that adds more than ~10% or makes
-ptxas serialize their wgmma fails here, before anyone times it."""
+Budget: the 16- and 32-token tiles (M <= 32: decode and small batches) count 121 and 131 instructions per step with
+nvcc 13.0 and double quant (ncu counted 191 executed per step before the table lookups became one PRMT each); a
+change that adds more than ~10% or makes ptxas serialize their wgmma fails here, before anyone times it."""
 import glob
 import importlib.util
 import os
