@@ -152,7 +152,7 @@ at::Tensor dequant4_full(const W4& w, at::ScalarType dtype);
 // registers. Returns false (doing nothing) when the inputs do not fit its constraints.
 bool gemm_mma(const at::Tensor& x2, const W4& w, const c10::optional<at::Tensor>& bias, at::Tensor& y);
 
-// Mid-M fused path (swap_gemm.cu, wgmma on sm_90a): y[M, N] = x2[M, K] @ dequant(W)^T (+ bias) computed as
+// Small- and mid-M fused path (swap_gemm.cu, wgmma on sm_90a): y[M, N] = x2[M, K] @ dequant(W)^T (+ bias) as
 // W . x2^T with W dequantized in registers as wgmma's A operand. Returns false (doing nothing) when the inputs do
 // not fit: fp16/bf16, K a multiple of 64, power-of-two block sizes >= 64, a 9.0 GPU.
 // With lora_t [M, r] and lora_b [N, r] (r a multiple of 8, x's dtype) it adds lora_t @ lora_b^T in the same fp32
@@ -172,7 +172,7 @@ bool gemm_fused(const at::Tensor& act, const W4& w, bool transposed, const at::T
 
 // Whether the wgmma kernel is the automatic choice for an [M, out_cols] product (measured, see notes/cuda.md).
 bool use_fused(int64_t M, int64_t out_cols);
-// Whether the swapped wgmma kernel is the automatic choice for a forward product with M rows.
+// Whether the swapped wgmma kernel is the automatic choice for a forward product with M rows and N outputs.
 bool use_swap(int64_t M, int64_t N);
 
 // out = act @ W^T (transposed = false; out [M, N]) or act @ W (true; out [M, K]) through cuBLAS on dequantized

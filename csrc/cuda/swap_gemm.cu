@@ -124,10 +124,10 @@ __global__ void __launch_bounds__(kThreads, kCtasPerSm)
                      const __grid_constant__ CUtensorMap tm_w, const __grid_constant__ CUtensorMap tm_t) {
 #ifdef NF4Q_WGMMA
   constexpr int S = stages<TN>(), kXBytes = TN * 128, kCopies = lut_copies<TN>(), kShift = lut_shift<TN>();
-  constexpr bool kPost = TN == 16;  // block scales applied to the fp32 products (see b0, b1 below)
+  constexpr bool kPost = TN == 16;  // block scales applied to the fp32 products (see blk below)
   extern __shared__ uint8_t smem_raw[];
-  // The table first, at an address the compiler knows (a lookup is then one PRMT, a shift and an LDS with an
-  // immediate offset), then the 1024-aligned stages.
+  // The table first, at the start of dynamic shared memory (a lookup is then one PRMT, a shift and an LDS whose
+  // base rides in a uniform register), then the 1024-aligned stages.
   uint8_t* lut = smem_raw;  // byte -> T2, kCopies copies (see lut_shift)
   uint8_t* smem = lut + lut_bytes<TN>();
   smem += (1024 - (smem_addr(smem) & 1023)) & 1023;
