@@ -6,7 +6,7 @@ matmul_4bit and nf4q gemm_4bit over Llama-3 8B/70B layer shapes and token counts
 
 Columns: µs each; nf4q's speedup vs bf16 and vs bitsandbytes; per row nf4q's GB/s (packed weight + scales + x +
 y) as % of the copy ceiling and its TFLOP/s (2MNK / t) as % of the bf16 cuBLAS ceiling (utils.BF16_TFLOPS): the
-ceiling that binds is the larger of the two. `mma µs` (M <= 256), `swap µs` (M <= 512), `wgmma µs` and
+ceiling that binds is the larger of the two. `mma µs` (M <= 256), `swap µs`, `wgmma µs` and
 `dequant µs` time nf4q's four paths forced (NF4Q_CUDA_GEMM): the measurement behind the dispatch thresholds.
 
 --device cpu: dense fp32 and bf16 F.linear, torch's int4 CPU kernel (aten._weight_int4pack_mm_for_cpu, group 64,
@@ -150,8 +150,7 @@ def main():
             r["vs_bf16"] = r["bf16_us"] / r["nf4q_us"]
             if M <= 256:
                 r["mma_us"] = bench_us(forced("mma", nf))
-            if M <= 512:
-                r["swap_us"] = bench_us(forced("swap", nf))
+            r["swap_us"] = bench_us(forced("swap", nf))
             r["fused_us"] = bench_us(forced("fused", nf))
             r["dequant_us"] = bench_us(forced("dequant", nf))
             gbps = (wbytes + 2 * M * (K + N)) / (r["nf4q_us"] * 1e3)

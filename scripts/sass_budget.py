@@ -3,13 +3,14 @@ built extension's machine code (SASS) with cuobjdump, so it needs no GPU.
 
 That kernel is bound by instruction issue, not by memory (ncu on the H200: 0.62 instructions issued per scheduler
 cycle; notes/cuda.md), so its speed follows this count: ncu counted 191 executed per step before the table lookups
-became one PRMT each; this script counts 121 (static, 16 tokens, double quant) after. tests/test_sass_budget.py
+became one PRMT each; this script counts 129 (static, 16 tokens, double quant) after. tests/test_sass_budget.py
 keeps it from growing back.
 
     python scripts/sass_budget.py [path/to/nf4q/_C.so]   # one line per kernel instantiation
 
-A step ends at the CTA barrier that frees its stage (one BAR.SYNC per step); the count is static (both sides of a
-branch count) and its median over the unrolled loop is the figure. `serialized` says whether ptxas made each wgmma
+A step ends where the warp releases its stage: its arrive on the stage's "empty" mbarrier (SYNCS.ARRIVE.TRANS64.A1T0,
+one per step); the count is static (both sides of a branch count) and its median over the unrolled loop is the
+figure. `serialized` says whether ptxas made each wgmma
 wait for the previous one (warning C7511, register pressure): more than one warpgroup arrive per step.
 """
 import glob
@@ -55,8 +56,8 @@ def kernels(so, tool):
 
 
 def step_count(instructions):
-    """(median instructions per step, serialized wgmma?) over the steps between CTA barriers; None without two."""
-    marks = [i for i, ins in enumerate(instructions) if ins.startswith("BAR.SYNC")]
+    """(median instructions per step, serialized wgmma?) over the steps between stage releases; None without two."""
+    marks = [i for i, ins in enumerate(instructions) if "SYNCS.ARRIVE.TRANS64.A1T0" in ins]
     steps = [instructions[a + 1:b + 1] for a, b in zip(marks, marks[1:])]
     if not steps:
         return None

@@ -31,6 +31,26 @@ def test_matches_reference(dtype, blocksize, double_quant, M, swap):
             assert rel_err(y, ref.gemm_4bit(x, *qw.op_args(), bias=b)) < TOL[dtype], (N, K, b is None)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("tokens", [16, 32, 64, 128, 256])
+@pytest.mark.parametrize("M", [1, 33, 200, 515])
+def test_every_token_tile_matches_reference(dtype, tokens, M, swap, monkeypatch):
+    """Each tile width forced (NF4Q_SWAP_TOKENS) on batches smaller than, equal to and spanning several of its tiles,
+    with and without split-K (2 or 3 row tiles, 16 steps), bias, LoRA steps (r = 24) and a partial row tile."""
+    monkeypatch.setenv("NF4Q_SWAP_TOKENS", str(tokens))
+    for N, K in [(200, 1024), (384, 320)]:
+        qw = weight(N, K, seed=M + tokens)
+        x, bias = data(M, K, dtype=dtype, seed=M), data(N, dtype=dtype, seed=3, scale=0.1)
+        A, B = data(24, K, dtype=dtype, seed=4, scale=0.05), data(N, 24, dtype=dtype, seed=5, scale=0.05)
+        poison_allocator(4 * M * N * 16)
+        y = ops.gemm_4bit(x, *qw.op_args(), bias)
+        assert torch.isfinite(y).all(), (N, K)
+        assert rel_err(y, ref.gemm_4bit(x, *qw.op_args(), bias=bias)) < TOL[dtype], (N, K)
+        y = ops.lora_gemm_4bit(x, *qw.op_args(), bias, A, B, 0.5, 0.0, 0)  # M > 1: the swapped kernel + LoRA steps
+        want = ref.lora_gemm_4bit(x, *qw.op_args(), bias=bias, lora_A=A, lora_B=B, scale=0.5)
+        assert rel_err(y, want) < TOL[dtype], (N, K, "lora")
+
+
 @pytest.mark.parametrize("M", [3, 40, 200])
 @pytest.mark.parametrize("K", [8192, 2368])  # 2368: 37 steps, splits of 12, 12, 12 and 1 (scales one step at a time)
 def test_split_k_matches_the_dequant_path(M, K, monkeypatch):
@@ -83,21 +103,22 @@ def test_shapes_it_does_not_take_fall_back(swap):
 
 
 def test_automatic_choice_matches_reference():
-    """Without the override, batches of 9..512 rows take this kernel on a 9.0 GPU, and 1..8 rows for 8192 rows of W
-    or more (the mma.sync kernel below that)."""
+    """Without the override, batches of 2..2048 rows take this kernel on a 9.0 GPU (128- or 256-token tiles above
+    128, by waves), and 1 row for 8192 rows of W or more (the mma.sync kernel below that)."""
     for N, K in [(1024, 2048), (8192, 256)]:
         qw = weight(N, K, seed=14)
-        for M in (1, 4, 17, 64, 256):
+        for M in (1, 4, 17, 64, 256, 300, 2048):
             x = data(M, K, dtype=torch.bfloat16, seed=M)
             assert rel_err(ops.gemm_4bit(x, *qw.op_args(), None), ref.gemm_4bit(x, *qw.op_args())) < 1e-2, (N, M)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("r", [1, 8, 16, 70])  # 1: padded to 8; 70: two extra 64-wide steps
-@pytest.mark.parametrize("M,N,K", [(3, 8192, 256), (9, 200, 320), (64, 384, 512), (131, 256, 4096), (509, 384, 512)])
+@pytest.mark.parametrize("M,N,K", [(3, 8192, 256), (9, 200, 320), (64, 384, 512), (131, 256, 4096), (509, 384, 512),
+                                   (1500, 8192, 256)])
 @pytest.mark.parametrize("dropout_p", [0.0, 0.1])
 def test_lora_forward_rides_as_extra_steps(dtype, r, M, N, K, dropout_p):
-    """lora_gemm_4bit for 8 < M <= 512 (and M <= 8 with 8192 rows) takes this kernel by default; 256 x 4096 splits K
+    """lora_gemm_4bit for 1 < M <= 2048 (and M = 1 with 8192 rows) takes this kernel by default; 256 x 4096 splits K
     (the LoRA steps run in the first split only), 200 rows leave a partial tile."""
     s = 0.7
     qw = weight(N, K, seed=r + M)

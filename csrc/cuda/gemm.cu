@@ -1,5 +1,6 @@
-// CUDA gemm_4bit and gemm_4bit_dx: dispatch between the swapped wgmma kernel for M <= 512 (swap_gemm.cu, sm_90a;
-// M <= 8 only for W of 8192 rows or more), the mma.sync small-M kernel (gemv.cu) for the other M <= 8, the x-as-A
+// CUDA gemm_4bit and gemm_4bit_dx: dispatch between the swapped wgmma kernel for M <= 2048 (swap_gemm.cu, sm_90a;
+// M = 1 only for W of 8192 rows or more), the mma.sync small-M kernel (gemv.cu) for the other M = 1 (and M <= 8
+// where the swapped kernel does not apply), the x-as-A
 // wgmma kernel (fused_gemm.cu: backward, and forward where the swapped one does not apply) and, above that or where
 // none applies (odd shapes, fp32, other GPUs), cuBLAS on dequantized slabs of W (measurements in notes/cuda.md).
 #include <torch/library.h>
@@ -9,19 +10,21 @@
 namespace nf4q::cuda {
 namespace {
 
-// Largest M for the mma.sync kernel (NF4Q_CUDA_GEMM overrides). On a 9.0 GPU the swapped kernel takes M <= 8 too
-// where W has at least kSwapDecodeMinN rows: bench_linear on the H200, M = 1, mma vs swapped us: 28672x8192 79.7 vs
-// 66.9, 8192x28672 67.4 vs 66.3, 14336x4096 28.0 vs 25.1, 8192x8192 27.2 vs 27.6; with fewer row tiles its
-// split-K costs more than it saves (4096x14336 23.9 vs 25.0, 4096x4096 12.4 vs 17.6, 1024x8192 12.9 vs 15.4).
+// Largest M for the mma.sync kernel (NF4Q_CUDA_GEMM overrides). On a 9.0 GPU the swapped kernel takes M > 1, and
+// M = 1 where W has at least kSwapDecodeMinN rows: bench_linear on the H200, mma vs swapped us at M = 1: 28672x8192
+// 80.0 vs 67.9, 8192x28672 67.1 vs 66.3, 14336x4096 28.3 vs 26.4, but with fewer row tiles the swapped kernel's
+// split-K costs more than it saves (4096x14336 24.1 vs 25.9, 4096x4096 13.5 vs 15.1); at M = 4 the swapped kernel
+// wins but on 4096x4096 (4096x14336 29.0 vs 26.0, 1024x8192 14.5 vs 13.4, 4096x4096 14.1 vs 15.0).
 constexpr int64_t kMmaMaxM = 8, kSwapDecodeMinN = 8192;
 // The x-as-A wgmma kernel: backward, and forward where the swapped one does not apply (block size 32), chosen
 // automatically for M <= 256 when its 128 x 128 tiles half-fill the GPU or more;
 // elsewhere dequantized slabs + cuBLAS won on the H200 (scratch measurements in notes/cuda.md: at M = 4096 the
 // kernel reaches ~320 TFLOP/s against cuBLAS's ~700; with few tiles its one-CTA-per-tile K loop is too long).
 constexpr int64_t kFusedMaxM = 256;
-// The swapped wgmma kernel (W as the register operand) up to kSwapMaxM: at M = 256 it beat the other paths
-// on every shape (287 vs 424 wgmma, 525 dequant us at 28672x8192), at 512 it ties with dequant + cuBLAS.
-constexpr int64_t kSwapMaxM = 512;
+// The swapped wgmma kernel (W as the register operand) up to kSwapMaxM: with 256-token tiles it beat dequant +
+// cuBLAS on every shape up to M = 1024 (28672x8192: 720 vs 896 us, 4096x4096: 54.8 vs 63.6), by 0-8% at 2048
+// (ties on 4096x4096), and lost at 4096 (3098 vs 2942 us at 28672x8192; bench on the H200, notes/cuda.md).
+constexpr int64_t kSwapMaxM = 2048;
 // Dequantized W the cuBLAS path holds at a time: 32 MiB (a 28672 x 8192 bf16 W is 448 MiB), but at least 2048
 // rows, since each slab re-reads the activations (forward) or re-writes dx (backward): 512-row slabs of the
 // 8192 x 28672 weight made the forward 1.16x bf16 at M = 4096 (bench_linear on the H200).
@@ -90,7 +93,7 @@ at::Tensor gemm_2d(const at::Tensor& x2, const W4& w, const c10::optional<at::Te
 }
 
 bool use_swap(int64_t M, int64_t N) {
-  return M >= 1 && M <= kSwapMaxM && (M > kMmaMaxM || N >= kSwapDecodeMinN);
+  return M >= 1 && M <= kSwapMaxM && (M > 1 || N >= kSwapDecodeMinN);
 }
 
 bool use_fused(int64_t M, int64_t out_cols) {

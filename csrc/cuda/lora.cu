@@ -1,7 +1,7 @@
 // CUDA lora_gemm_4bit, lora_gemm_4bit_dx and lora_gemm_4bit_backward (d = LoRA dropout, csrc/common/dropout.h):
 //   y  = x W^T + bias + s (d(x) A^T) B^T
 //   dx = g W + d'(s (g B) A)      dA = s (g B)^T d(x)      dB = s g^T (d(x) A^T)
-// Paths for the base product: forward with M <= 512 on a 9.0 GPU (use_swap; M <= 8 only for N >= 8192): the
+// Paths for the base product: forward with M <= 2048 on a 9.0 GPU (use_swap; M = 1 only for N >= 8192): the
 // swapped wgmma kernel (swap_gemm.cu) with the LoRA term as extra reduction steps. Otherwise M <= 64: gemm_2d, then
 // one rank-r update.
 // 64 < M <= 256 on a 9.0 GPU, where use_fused() says it wins (backward, or forward where the swapped kernel does not

@@ -1,7 +1,7 @@
-// Fused NF4 GEMM on Hopper for batches of 1-512 rows, with the operands swapped (Machete's arrangement):
+// Fused NF4 GEMM on Hopper for batches of 1-2048 rows, with the operands swapped (Machete's arrangement):
 //   y^T[N, M] = W[N, K] . x[M, K]^T,   W = wgmma's A operand, in registers; x = its B operand, in shared memory.
 // Tensor cores are 64 rows tall, so a batch of 1-64 rows would waste most of an x-as-A tile; here the batch is
-// wgmma's N (16..128 tokens per tile) and W's rows fill the 64-row side.
+// wgmma's N (16..256 tokens per tile, tokens_per_tile) and W's rows fill the 64-row side.
 //
 // One CTA = two warpgroups = 128 rows of W x TN tokens. Per 64-wide step of K, TMA brings the packed NF4 bytes of
 // those rows (128 x 32 bytes, the canonical layout) and x's tile (TN x 64, 128B-swizzled) into a ring of stages;
@@ -15,9 +15,14 @@
 // one PRMT and one LDS (lut_shift), block scales are loaded four steps at a time, and 16-token tiles apply the
 // scales to the fp32 products (kPost) instead of to the fragments. notes/cuda.md has the measurements.
 //
+// No __syncthreads per step: each warp releases a stage on its "empty" mbarrier once its wgmma on it is done, and
+// the thread that refills the stage waits for all eight. 16-64-token tiles run two CTAs per SM, 128/256 one (their
+// accumulators need the registers: at two CTAs ptxas serialized the 128-token tile's wgmma, warning C7511).
+//
 // When the row tiles x token tiles do not fill the SMs, K is split: each split writes fp32 partial sums and a
 // second kernel adds them in split order (deterministic) with the bias.
 // Built only for sm_90a (wgmma); elsewhere gemm_swap() returns false and callers take another path.
+#include <cstdlib>
 #include <type_traits>
 
 #include "hopper.cuh"
@@ -29,39 +34,44 @@ constexpr int kRows = 128, kBK = 64, kThreads = 256;
 constexpr int kRawBytes = kRows * kBK / 2;  // packed W of one step
 constexpr int kMinStepsPerSplit = 8;
 constexpr int kGroup = 4;  // steps whose block scales are loaded together, one group ahead
-constexpr int kCtasPerSm = 2;
+// CTAs per SM: two, except for 128- and 256-token tiles, whose 64 / 128 accumulators per thread leave too few
+// registers at two CTAs for ptxas to keep the wgmma pipelined (warning C7511: it serialized them). The 64-token tile
+// is serialized too, yet faster at two CTAs than at one (H200, 28672 x 8192, M = 64: 97 vs 120 us).
+template <int TN>
+constexpr int ctas_per_sm() {
+  return TN >= 128 ? 1 : 2;
+}
 
 // The kernel is bound by instruction issue (ncu: 0.62 issued per scheduler cycle, ~190 instructions per warp per
 // step, most of them the table addressing), so the table is laid out for the cheapest address: entry e of lane l's
 // copy at e * stride + 4 l, stride = 256 >> shift bytes, and the address of byte j of a word is one PRMT (byte j
 // next to the lane's byte: e << 8 | l << 2 + shift) and a shift. With 32 copies a warp's lookups hit 32 distinct
-// banks. The wide stride costs shared memory (64 KB at shift 0), so larger token tiles trade it for stages.
+// banks. The wide stride costs shared memory (64 KB at shift 0), so 64-token tiles trade it for stages.
 template <int TN>
 constexpr int lut_shift() {
-  return TN <= 32 ? 0 : TN == 64 ? 1 : 2;
-}
-template <int TN>
-constexpr int lut_copies() {
-  return TN <= 64 ? 32 : 16;  // 128 tokens: 16 copies (2-way conflicts at worst) to leave room for stages
+  return TN <= 32 || TN >= 128 ? 0 : 1;
 }
 template <int TN>
 constexpr int lut_bytes() {
   return 256 * (256 >> lut_shift<TN>());
 }
-// Stages of the TMA ring: as many as leave room for two CTAs per SM (while one waits at its barrier, the other's
-// dequantization and wgmma run).
+// Stages of the TMA ring: as many as fit beside the table, for two CTAs per SM where there are two (while one waits
+// at its barrier, the other's dequantization and wgmma run).
 template <int TN>
 constexpr int stages() {
-  return TN == 16 ? 6 : TN == 32 ? 5 : TN == 64 ? 6 : 4;
+  return TN == 16 ? 6 : TN == 32 ? 5 : TN == 64 ? 6 : TN == 128 ? 7 : 4;
 }
 template <int TN>
 constexpr int smem_bytes() {
   return 1024 /*alignment slack*/ + stages<TN>() * (TN * 128 + kRawBytes) + lut_bytes<TN>() + 256 * 4 +
-         (stages<TN>() + 1) * 8 /*mbarriers: the ring's and the LoRA steps'*/;
+         (2 * stages<TN>() + 1) * 8 /*mbarriers: the ring's full and empty ones, the LoRA steps'*/;
 }
-static_assert(smem_bytes<16>() <= 113 * 1024 && smem_bytes<32>() <= 113 * 1024 && smem_bytes<64>() <= 113 * 1024 &&
-                  smem_bytes<128>() <= 113 * 1024,
-              "two CTAs per SM");
+// 228 KB of shared memory per SM, 1 KB of it reserved per CTA
+template <int TN>
+constexpr bool fits() {
+  return smem_bytes<TN>() <= (228 / ctas_per_sm<TN>() - 1) * 1024;
+}
+static_assert(fits<16>() && fits<32>() && fits<64>() && fits<128>() && fits<256>(), "shared memory per SM");
 
 struct Out {
   const void* bias;    // [N] or null
@@ -112,6 +122,17 @@ NF4Q_WGMMA_RS_SPECIALIZE(128,
                          "%64,%65,%66,%67", "%68", "%69", NF4Q_ACC8(0), NF4Q_ACC8(8), NF4Q_ACC8(16), NF4Q_ACC8(24),
                          NF4Q_ACC8(32), NF4Q_ACC8(40), NF4Q_ACC8(48), NF4Q_ACC8(56))
 
+NF4Q_WGMMA_RS_SPECIALIZE(
+    256,
+    "%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15,%16,%17,%18,%19,%20,%21,%22,%23,%24,%25,%26,%27,%28,"
+    "%29,%30,%31,%32,%33,%34,%35,%36,%37,%38,%39,%40,%41,%42,%43,%44,%45,%46,%47,%48,%49,%50,%51,%52,%53,%54,%55,"
+    "%56,%57,%58,%59,%60,%61,%62,%63,%64,%65,%66,%67,%68,%69,%70,%71,%72,%73,%74,%75,%76,%77,%78,%79,%80,%81,%82,"
+    "%83,%84,%85,%86,%87,%88,%89,%90,%91,%92,%93,%94,%95,%96,%97,%98,%99,%100,%101,%102,%103,%104,%105,%106,%107,"
+    "%108,%109,%110,%111,%112,%113,%114,%115,%116,%117,%118,%119,%120,%121,%122,%123,%124,%125,%126,%127",
+    "%128,%129,%130,%131", "%132", "%133", NF4Q_ACC8(0), NF4Q_ACC8(8), NF4Q_ACC8(16), NF4Q_ACC8(24), NF4Q_ACC8(32),
+    NF4Q_ACC8(40), NF4Q_ACC8(48), NF4Q_ACC8(56), NF4Q_ACC8(64), NF4Q_ACC8(72), NF4Q_ACC8(80), NF4Q_ACC8(88),
+    NF4Q_ACC8(96), NF4Q_ACC8(104), NF4Q_ACC8(112), NF4Q_ACC8(120))
+
 __device__ __forceinline__ void fence_regs(uint32_t (&a)[16]) {
 #pragma unroll
   for (int i = 0; i < 16; ++i) asm volatile("" : "+r"(a[i])::"memory");
@@ -119,11 +140,11 @@ __device__ __forceinline__ void fence_regs(uint32_t (&a)[16]) {
 #endif
 
 template <typename T, int TN, bool DQ>
-__global__ void __launch_bounds__(kThreads, kCtasPerSm)
+__global__ void __launch_bounds__(kThreads, ctas_per_sm<TN>())
     swap_gemm_kernel(const W4View w, const Out o, const __grid_constant__ CUtensorMap tm_x,
                      const __grid_constant__ CUtensorMap tm_w, const __grid_constant__ CUtensorMap tm_t) {
 #ifdef NF4Q_WGMMA
-  constexpr int S = stages<TN>(), kXBytes = TN * 128, kCopies = lut_copies<TN>(), kShift = lut_shift<TN>();
+  constexpr int S = stages<TN>(), kXBytes = TN * 128, kCopies = 32, kShift = lut_shift<TN>();
   constexpr bool kPost = TN == 16;  // block scales applied to the fp32 products (see blk below)
   extern __shared__ uint8_t smem_raw[];
   // The table first, at the start of dynamic shared memory (a lookup is then one PRMT, a shift and an LDS whose
@@ -134,7 +155,7 @@ __global__ void __launch_bounds__(kThreads, kCtasPerSm)
   uint8_t* x_s = smem;                 // S x [TN tokens x 64 k], 128B-swizzled
   uint8_t* raw_s = x_s + S * kXBytes;  // S x [128 rows x 32 bytes]
   float* ncode = reinterpret_cast<float*>(raw_s + S * kRawBytes);
-  const uint32_t bars = smem_addr(ncode + 256);
+  const uint32_t bars = smem_addr(ncode + 256), empty = bars + 8 * (S + 1);
 
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, g = lane >> 2, tig = lane & 3;
   {
@@ -145,7 +166,8 @@ __global__ void __launch_bounds__(kThreads, kCtasPerSm)
     if (DQ) ncode[tid] = __ldg(w.nested_code + tid);
   }
   if (tid == 0) {
-    for (int s = 0; s <= S; ++s) mbar_init(bars + 8 * s);
+    for (int s = 0; s <= S; ++s) mbar_init(bars + 8 * s);  // full: TMA bytes landed (and the LoRA steps' one)
+    for (int s = 0; s < S; ++s) mbar_init(empty + 8 * s, kThreads / 32);  // empty: every warp is done with it
     asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
   }
   __syncthreads();
@@ -295,8 +317,15 @@ __global__ void __launch_bounds__(kThreads, kCtasPerSm)
     if (!kPost) asm volatile("wgmma.wait_group.sync.aligned 1;" ::: "memory");
     fence_acc<TN / 2>(d);
     fence_regs(a);
-    __syncthreads();  // every warpgroup is done with step i - 1's stage
-    if (tid == 0 && i + S - 1 < nsteps) load_stage(i + S - 1, slot == 0 ? S - 1 : slot - 1);  // step i - 1's
+    // Step i - 1's wgmma is complete (waited on above): this warp is done with its stage. No __syncthreads: the
+    // warps drift apart, and only the thread that refills a stage waits for all eight to release it.
+    const uint32_t prev = slot == 0 ? S - 1 : slot - 1, prev_phase = slot == 0 ? phase ^ 1 : phase;
+    if (i > 0 && lane == 0) mbar_arrive(empty + 8 * prev);
+    if (tid == 0 && i + S - 1 < nsteps) {
+      if (i > 0) mbar_wait(empty + 8 * prev, prev_phase);  // at i = 0 stage S - 1 has not been used yet
+      load_stage(i + S - 1, prev);
+    }
+    __syncwarp();
     if (++slot == S) slot = 0, phase ^= 1;
   };
   // Groups of kGroup steps, each with the scales of one group while the next group's loads are in flight.
@@ -328,7 +357,7 @@ __global__ void __launch_bounds__(kThreads, kCtasPerSm)
   if (i + 2 < nsteps) step(i + 2, a0, sc0, 2);
   asm volatile("wgmma.wait_group.sync.aligned 0;" ::: "memory");
   fence_acc<TN / 2>(acc);
-  fence_acc<TN / 2>(blk);
+  if (kPost) fence_acc<TN / 2>(blk);
   fence_regs(a0);
   fence_regs(a1);
   if (kPost) fold();  // the last step's product
@@ -409,6 +438,17 @@ struct Call {
   const at::Tensor& lb;
 };
 
+// Split K while the tiles leave CTA slots idle, keeping at least kMinStepsPerSplit steps per split; whole scale
+// groups per split, so that a split starts 4-aligned.
+struct SplitK {
+  int64_t steps, splits;  // steps per split, splits
+};
+SplitK split_k(int64_t tiles, int64_t ksteps, int64_t slots) {
+  const int64_t want = std::max<int64_t>(1, std::min<int64_t>(slots / tiles, ksteps / kMinStepsPerSplit));
+  const int64_t steps = ceil_div(ceil_div(ksteps, want), kGroup) * kGroup;
+  return {steps, ceil_div(ksteps, steps)};
+}
+
 template <typename T, int TN, bool DQ>
 void launch(const Call<T>& c) {
   const int64_t M = c.x.size(0), N = c.w.rows(), K = c.w.cols();
@@ -420,11 +460,9 @@ void launch(const Call<T>& c) {
   o.m_tiles = static_cast<int>(ceil_div(M, TN));
   const int64_t tiles = o.m_tiles * ceil_div(N, kRows), ksteps = K / kBK;
   TORCH_CHECK(tiles < INT32_MAX, "nf4q: gemm_swap: too many tiles");
-  // Split K while the tiles leave CTA slots idle, keeping at least kMinStepsPerSplit steps per split.
-  const int64_t want = std::max<int64_t>(1, std::min<int64_t>(kCtasPerSm * sms / tiles, ksteps / kMinStepsPerSplit));
-  // Whole scale groups per split, so that a split starts 4-aligned.
-  o.steps = static_cast<int>(ceil_div(ceil_div(ksteps, want), kGroup) * kGroup);
-  const int splits = static_cast<int>(ceil_div(ksteps, o.steps));
+  const auto plan = split_k(tiles, ksteps, ctas_per_sm<TN>() * sms);
+  o.steps = static_cast<int>(plan.steps);
+  const int splits = static_cast<int>(plan.splits);
   at::Tensor partial;
   if (splits > 1) {
     partial = at::empty({splits, M, N}, c.x.options().dtype(at::kFloat));
@@ -475,17 +513,43 @@ void launch_dq(const Call<T>& c) {
   }
 }
 
+// Tokens per tile for M tokens: the smallest tile that holds them, up to 128. Above that, 256-token tiles
+// dequantize each step once for twice the tokens (ncu, 28672 x 8192, M = 512: tensor pipe 72% busy vs 61% with
+// 128), but half as many tiles leave more of the last wave idle or split K more, so the tile with the lower
+// estimated time wins (swap_cost). NF4Q_SWAP_TOKENS=16|32|64|128|256 forces one (tests, benchmarks).
+int tokens_per_tile(int64_t M, int64_t N, int64_t K) {
+  if (const char* s = std::getenv("NF4Q_SWAP_TOKENS")) {
+    const int t = std::atoi(s);
+    if (t == 16 || t == 32 || t == 64 || t == 128 || t == 256) return t;
+  }
+  if (M <= 128) return M <= 16 ? 16 : M <= 32 ? 32 : M <= 64 ? 64 : 128;
+  const int64_t sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+  // Estimated time in units of ~3 ns (bench on the H200): waves x steps per CTA x the cost of a step, 256 for a
+  // 256-token tile, 164 for a 128-token one (1.28x its share: its time per token at equal waves), plus writing and
+  // reading back the split partial sums (8 bytes per output per split, ~1 unit per 1024 of them) and the kernel
+  // that adds them (~5 us).
+  auto cost = [&](int64_t tn, int64_t per_step) {
+    const int64_t tiles = ceil_div(M, tn) * ceil_div(N, kRows);
+    const auto plan = split_k(tiles, K / kBK, sms);  // one CTA per SM for both
+    const int64_t partials = plan.splits > 1 ? plan.splits * M * N / 1024 + 1600 : 0;
+    return ceil_div(tiles * plan.splits, sms) * plan.steps * per_step + partials;
+  };
+  return cost(256, 256) < cost(128, 164) ? 256 : 128;
+}
+
 template <typename T>
 void dispatch(const Call<T>& c) {
-  const int64_t M = c.x.size(0);
-  if (M <= 16) {
-    launch_dq<T, 16>(c);
-  } else if (M <= 32) {
-    launch_dq<T, 32>(c);
-  } else if (M <= 64) {
-    launch_dq<T, 64>(c);
-  } else {
-    launch_dq<T, 128>(c);
+  switch (tokens_per_tile(c.x.size(0), c.w.rows(), c.w.cols())) {
+    case 16:
+      return launch_dq<T, 16>(c);
+    case 32:
+      return launch_dq<T, 32>(c);
+    case 64:
+      return launch_dq<T, 64>(c);
+    case 128:
+      return launch_dq<T, 128>(c);
+    default:
+      return launch_dq<T, 256>(c);
   }
 }
 
