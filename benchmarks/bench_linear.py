@@ -4,10 +4,11 @@ matmul_4bit and nf4q gemm_4bit over Llama-3 8B/70B layer shapes and token counts
     python -m benchmarks.bench_linear [--quick] [--shapes NAME ...] [--ms M ...] [--csv PATH]
     python -m benchmarks.bench_linear --device cpu [--quick] [--csv PATH]
 
-Columns: µs each; nf4q's speedup vs bf16 and vs bitsandbytes; per row nf4q's GB/s (packed weight + scales + x +
-y) as % of the copy ceiling and its TFLOP/s (2MNK / t) as % of the bf16 cuBLAS ceiling (utils.BF16_TFLOPS): the
-ceiling that binds is the larger of the two. `mma µs` (M <= 256), `swap µs`, `wgmma µs` and
-`dequant µs` time nf4q's four paths forced (NF4Q_CUDA_GEMM): the measurement behind the dispatch thresholds.
+Columns: µs each (bf16, bnb and nf4q: the best of two timings in rotated order, utils.bench_rotated); nf4q's speedup
+vs bf16 and vs bitsandbytes; per row nf4q's GB/s (packed weight + scales + x + y) as % of the copy ceiling and its
+TFLOP/s (2MNK / t) as % of the bf16 cuBLAS ceiling (utils.BF16_TFLOPS): the ceiling that binds is the larger of the
+two. `mma µs` (M <= 256), `swap µs`, `wgmma µs` and `dequant µs` time nf4q's four paths forced (NF4Q_CUDA_GEMM): the
+measurement behind the dispatch thresholds.
 
 --device cpu: dense fp32 and bf16 F.linear, torch's int4 CPU kernel (aten._weight_int4pack_mm_for_cpu, group 64,
 bf16 activations), bitsandbytes matmul_4bit (when its CPU backend loads) and nf4q gemm_4bit (fp32 and bf16
@@ -23,6 +24,7 @@ import nf4q
 from benchmarks.utils import (
     BF16_TFLOPS,
     COPY_GBPS,
+    bench_rotated,
     bench_us,
     bnb_or_none,
     cpu_bench_us,
@@ -142,10 +144,11 @@ def main():
         for M in ms:
             x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
             nf = lambda: torch.ops.nf4q.gemm_4bit(x, *w4, None)  # noqa: E731
-            r = {"shape": f"{name} {N}x{K}", "M": M, "bf16_us": bench_us(lambda: F.linear(x, W)),  # noqa: F821 (runs before the del)
-                 "nf4q_us": bench_us(nf)}
+            main = {"bf16_us": lambda: F.linear(x, W), "nf4q_us": nf}  # noqa: F821 (runs before the del)
             if bnb is not None:
-                r["bnb_us"] = bench_us(lambda: bnb.matmul_4bit(x, bq.t(), quant_state=bstate))
+                main["bnb_us"] = lambda: bnb.matmul_4bit(x, bq.t(), quant_state=bstate)
+            r = {"shape": f"{name} {N}x{K}", "M": M, **bench_rotated(main)}
+            if bnb is not None:
                 r["vs_bnb"] = r["bnb_us"] / r["nf4q_us"]
             r["vs_bf16"] = r["bf16_us"] / r["nf4q_us"]
             if M <= 256:

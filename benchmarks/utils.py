@@ -17,6 +17,19 @@ def bench_us(fn, warmup_ms=10, rep_ms=60):
     return 1e3 * do_bench(fn, warmup=warmup_ms, rep=rep_ms, return_mode="median")
 
 
+def bench_rotated(fns, rounds=2, timer=None):
+    """{name: time in µs} of each fn in `fns` ({name: fn}), the fastest of `rounds` timings taken in rotated order.
+    A GPU runs its next kernel at the clock the previous load left it (a compute-bound cuBLAS call heats it):
+    timed once in a fixed order, whatever follows the heaviest call read up to ~8% slow on the H200."""
+    timer = timer or bench_us
+    names = list(fns)
+    best = {}
+    for r in range(rounds):
+        for name in names[r % len(names):] + names[:r % len(names)]:
+            best[name] = min(best.get(name, float("inf")), timer(fns[name]))
+    return best
+
+
 def cpu_bench_us(fn, reps=15):
     """Fastest of `reps` wall-clock runs of fn() in microseconds, after one warm-up run (CPU benchmarks). The
     minimum, not the median: on cores shared with other processes the median measures the scheduler."""
