@@ -36,7 +36,7 @@ def test_matches_reference(dtype, blocksize, double_quant, M, swap):
 @pytest.mark.parametrize("M", [1, 33, 200, 515])
 def test_every_token_tile_matches_reference(dtype, tokens, M, swap, monkeypatch):
     """Each tile width forced (NF4Q_SWAP_TOKENS) on batches smaller than, equal to and spanning several of its tiles,
-    with and without split-K (2 or 3 row tiles, 16 steps), bias, LoRA steps (r = 24) and a partial row tile."""
+    with split-K (2 or 3 row tiles of 16 or 5 steps), bias, LoRA steps (r = 24) and partial row tiles."""
     monkeypatch.setenv("NF4Q_SWAP_TOKENS", str(tokens))
     for N, K in [(200, 1024), (384, 320)]:
         qw = weight(N, K, seed=M + tokens)
@@ -46,7 +46,7 @@ def test_every_token_tile_matches_reference(dtype, tokens, M, swap, monkeypatch)
         y = ops.gemm_4bit(x, *qw.op_args(), bias)
         assert torch.isfinite(y).all(), (N, K)
         assert rel_err(y, ref.gemm_4bit(x, *qw.op_args(), bias=bias)) < TOL[dtype], (N, K)
-        y = ops.lora_gemm_4bit(x, *qw.op_args(), bias, A, B, 0.5, 0.0, 0)  # M > 1: the swapped kernel + LoRA steps
+        y = ops.lora_gemm_4bit(x, *qw.op_args(), bias, A, B, 0.5, 0.0, 0)  # M > 1: LoRA as the kernel's extra steps
         want = ref.lora_gemm_4bit(x, *qw.op_args(), bias=bias, lora_A=A, lora_B=B, scale=0.5)
         assert rel_err(y, want) < TOL[dtype], (N, K, "lora")
 
@@ -104,7 +104,7 @@ def test_shapes_it_does_not_take_fall_back(swap):
 
 def test_automatic_choice_matches_reference():
     """Without the override, batches of 2..2048 rows take this kernel on a 9.0 GPU (128- or 256-token tiles above
-    128, by waves), and 1 row for 8192 rows of W or more (the mma.sync kernel below that)."""
+    128, by estimated time), and 1 row for 8192 rows of W or more (the mma.sync kernel below that)."""
     for N, K in [(1024, 2048), (8192, 256)]:
         qw = weight(N, K, seed=14)
         for M in (1, 4, 17, 64, 256, 300, 2048):

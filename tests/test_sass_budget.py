@@ -38,7 +38,7 @@ def counts():
 @pytest.mark.parametrize("double_quant", [True, False])
 def test_small_tiles_stay_within_their_instruction_budget(counts, dtype, tokens, double_quant):
     per_step, serialized = counts[(dtype, tokens, double_quant)]
-    assert not serialized, "ptxas serialized the wgmma of this tile (register pressure, warning C7511)"
+    assert not serialized, "ptxas serialized the wgmma of this tile (register pressure, warning C7512)"
     assert per_step <= BUDGET[tokens], f"{per_step} instructions per K step (budget {BUDGET[tokens]})"
 
 
@@ -46,7 +46,7 @@ def test_small_tiles_stay_within_their_instruction_budget(counts, dtype, tokens,
 @pytest.mark.parametrize("tokens", [128, 256])
 def test_wide_tiles_keep_their_wgmma_pipelined(counts, dtype, tokens):
     """The 128/256-token tiles (M > 64) run one CTA per SM so that ptxas has the registers to keep their wgmma
-    pipelined; at two CTAs per SM it serialized them (warning C7511)."""
+    pipelined; at two CTAs per SM it serialized them (warning C7512)."""
     for double_quant in (True, False):
         assert not counts[(dtype, tokens, double_quant)][1], (tokens, double_quant)
 

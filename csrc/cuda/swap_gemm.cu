@@ -17,7 +17,7 @@
 //
 // No __syncthreads per step: each warp releases a stage on its "empty" mbarrier once its wgmma on it is done, and
 // the thread that refills the stage waits for all eight. 16-64-token tiles run two CTAs per SM, 128/256 one (their
-// accumulators need the registers: at two CTAs ptxas serialized the 128-token tile's wgmma, warning C7511).
+// accumulators need the registers: at two CTAs ptxas serialized the 128-token tile's wgmma: warning C7512).
 //
 // When the row tiles x token tiles do not fill the SMs, K is split: each split writes fp32 partial sums and a
 // second kernel adds them in split order (deterministic) with the bias.
@@ -35,8 +35,8 @@ constexpr int kRawBytes = kRows * kBK / 2;  // packed W of one step
 constexpr int kMinStepsPerSplit = 8;
 constexpr int kGroup = 4;  // steps whose block scales are loaded together, one group ahead
 // CTAs per SM: two, except for 128- and 256-token tiles, whose 64 / 128 accumulators per thread leave too few
-// registers at two CTAs for ptxas to keep the wgmma pipelined (warning C7511: it serialized them). The 64-token tile
-// is serialized too, yet faster at two CTAs than at one (H200, 28672 x 8192, M = 64: 97 vs 120 us).
+// registers at two CTAs for ptxas to keep the wgmma pipelined (ptxas warning C7512: it serialized them). The 64-token
+// tile is serialized too, yet faster at two CTAs than at one (H200, 28672 x 8192, M = 64: 97 vs 120 us).
 template <int TN>
 constexpr int ctas_per_sm() {
   return TN >= 128 ? 1 : 2;
@@ -516,7 +516,7 @@ void launch_dq(const Call<T>& c) {
 // Tokens per tile for M tokens: the smallest tile that holds them, up to 128. Above that, 256-token tiles
 // dequantize each step once for twice the tokens (ncu, 28672 x 8192, M = 512: tensor pipe 72% busy vs 61% with
 // 128), but half as many tiles leave more of the last wave idle or split K more, so the tile with the lower
-// estimated time wins (swap_cost). NF4Q_SWAP_TOKENS=16|32|64|128|256 forces one (tests, benchmarks).
+// estimated time wins (cost below). NF4Q_SWAP_TOKENS=16|32|64|128|256 forces one (tests, benchmarks).
 int tokens_per_tile(int64_t M, int64_t N, int64_t K) {
   if (const char* s = std::getenv("NF4Q_SWAP_TOKENS")) {
     const int t = std::atoi(s);
