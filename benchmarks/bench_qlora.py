@@ -63,7 +63,7 @@ FORWARD_MS = [16, 64, 256, 512]
 
 def forward_main(args):
     """lora_gemm_4bit forward alone at serving batch sizes, 8192 -> 28672, r = 16: bf16 + LoRA (torch), nf4q's
-    automatic path (the swapped wgmma kernel with the LoRA term as extra reduction steps for M <= 512) and its
+    automatic path (the swapped wgmma kernel with the LoRA term as extra reduction steps, M <= 2048) and its
     two other strategies forced (NF4Q_CUDA_LORA=fused|slabs; at M <= 64 `slabs` is gemm_4bit then a rank-r
     update)."""
     K, N, r, s = 8192, 28672, 16, 2.0

@@ -10,8 +10,8 @@ keeps it from growing back.
 
 A step ends where the warp releases its stage: its arrive on the stage's "empty" mbarrier (SYNCS.ARRIVE.TRANS64.A1T0,
 one per step); the count is static (both sides of a branch count) and its median over the unrolled loop is the
-figure. `serialized` says whether ptxas made each wgmma
-wait for the previous one (warning C7512, register pressure): more than one warpgroup arrive per step.
+figure. `serialized` says whether ptxas made each wgmma wait for the previous one (warning C7512, register
+pressure): more than one warpgroup arrive per step.
 """
 import glob
 import os

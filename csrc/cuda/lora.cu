@@ -11,7 +11,8 @@
 // dequantized W (beta = 1), max(32 MiB, 2048 rows or columns) of W at a time.
 // Numerics, every path but the rank-r update after gemm_2d: the base product is accumulated in fp32 over the whole
 // reduction and the output rounded once; the thin factor s d(x)A^T (or s gB) is rounded to the compute dtype before
-// it joins the same accumulation. With dropout, backward's LoRA part of dx is masked elementwise, so it is added after the product.
+// it joins the same accumulation. With dropout, backward's LoRA part of dx is masked elementwise, so it is added
+// after the product.
 // NF4Q_CUDA_LORA=fused|slabs overrides the choice (for benchmarks and tests).
 #include <torch/library.h>
 
