@@ -144,10 +144,10 @@ def main():
         for M in ms:
             x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
             nf = lambda: torch.ops.nf4q.gemm_4bit(x, *w4, None)  # noqa: E731
-            main = {"bf16_us": lambda: F.linear(x, W), "nf4q_us": nf}  # noqa: F821 (runs before the del)
+            rotated = {"bf16_us": lambda: F.linear(x, W), "nf4q_us": nf}  # noqa: F821 (runs before the del)
             if bnb is not None:
-                main["bnb_us"] = lambda: bnb.matmul_4bit(x, bq.t(), quant_state=bstate)
-            r = {"shape": f"{name} {N}x{K}", "M": M, **bench_rotated(main)}
+                rotated["bnb_us"] = lambda: bnb.matmul_4bit(x, bq.t(), quant_state=bstate)
+            r = {"shape": f"{name} {N}x{K}", "M": M, **bench_rotated(rotated)}
             if bnb is not None:
                 r["vs_bnb"] = r["bnb_us"] / r["nf4q_us"]
             r["vs_bf16"] = r["bf16_us"] / r["nf4q_us"]

@@ -1,8 +1,8 @@
 // CUDA gemm_4bit and gemm_4bit_dx: dispatch between the swapped wgmma kernel for M <= 2048 (swap_gemm.cu, sm_90a;
 // M = 1 only for W of 8192 rows or more), the mma.sync small-M kernel (gemv.cu) for the other M = 1 (and M <= 8
-// where the swapped kernel does not apply), the x-as-A
-// wgmma kernel (fused_gemm.cu: backward, and forward where the swapped one does not apply) and, above that or where
-// none applies (odd shapes, fp32, other GPUs), cuBLAS on dequantized slabs of W (measurements in notes/cuda.md).
+// where the swapped kernel does not apply), the x-as-A wgmma kernel (fused_gemm.cu: backward, and forward where the
+// swapped one does not apply) and, above that or where none applies (odd shapes, fp32, other GPUs), cuBLAS on
+// dequantized slabs of W (measurements in notes/cuda.md).
 #include <torch/library.h>
 
 #include "common.cuh"
