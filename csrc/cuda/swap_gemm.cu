@@ -10,10 +10,12 @@
 // byte in a byte -> (code, code) table and the block scale, and issues four wgmma. The dequantized W never touches
 // shared memory (the x-as-A kernel in fused_gemm.cu writes and re-reads a 16 KB tile per step).
 //
-// What bounds it is instruction issue (ncu on the H200, 28672 x 8192, M = 16: 0.62 instructions issued per
+// What bounded it was instruction issue (ncu on the H200, 28672 x 8192, M = 16: 0.62 instructions issued per
 // scheduler cycle, DRAM 22% busy), so every per-byte instruction counts: the table is laid out so that a lookup is
 // one PRMT and one LDS (lut_shift), block scales are loaded four steps at a time, and 16-token tiles apply the
-// scales to the fp32 products (kPost) instead of to the fragments. notes/cuda.md has the measurements.
+// scales to the fp32 products (kPost) instead of to the fragments. Since then, at M <= 16, the TMA ring itself is
+// the cap: with the dequantization and wgmma removed it streams W at only 2.0-2.25 TB/s, 5 or 12 stages alike, and
+// the kernel runs at ~85% of that (notes/cuda.md, round 6).
 //
 // No __syncthreads per step: each warp releases a stage on its "empty" mbarrier once its wgmma on it is done, and
 // the thread that refills the stage waits for all eight. 16-64-token tiles run two CTAs per SM, 128/256 one (their
