@@ -8,6 +8,7 @@ so µs alone do not say whether a kernel is short of issue slots or of energy. E
 call (the last batch, CUDA events) and the mean MHz and W over the second half of the run (the clock has settled).
 """
 import argparse
+import shutil
 import subprocess
 import time
 
@@ -79,8 +80,8 @@ def main():
     ap.add_argument("--ms", nargs="+", type=int, default=[16, 128, 512, 2048], help="token counts")
     ap.add_argument("--seconds", type=float, default=1.5, help="back-to-back run per kernel")
     args = ap.parse_args()
-    if not torch.cuda.is_available():
-        raise SystemExit("clock_trace needs a CUDA GPU and nvidia-smi")
+    if not torch.cuda.is_available() or shutil.which(SMI[0]) is None:
+        raise SystemExit("clock_trace needs a CUDA GPU and nvidia-smi on the PATH")
     print(environment())
     rows = []
     for shape in args.shapes:

@@ -3,6 +3,9 @@ against a stand-in sampler (a Python process printing 'MHz, W' lines until it is
 import math
 import sys
 
+import pytest
+
+from benchmarks import clock_trace
 from benchmarks.clock_trace import parse_samples, settled_mean, trace
 
 
@@ -30,3 +33,10 @@ def test_trace_times_the_function_and_averages_the_samplers_lines():
     assert len(calls) >= 10 and len(calls) % 5 == 0
     assert 0 < us < 1e5
     assert mhz == 1500.0 and watts == 620.0
+
+
+def test_main_without_gpu_or_sampler_exits_with_a_message(monkeypatch):
+    monkeypatch.setattr(clock_trace.shutil, "which", lambda name: None)
+    monkeypatch.setattr(sys, "argv", ["clock_trace"])
+    with pytest.raises(SystemExit, match="nvidia-smi"):
+        clock_trace.main()
