@@ -102,5 +102,6 @@ def main():
         columns += [(f"{name} us", f"{name} µs", 1), (f"{name} MHz", f"{name} MHz", 0), (f"{name} W", f"{name} W", 0)]
     print(markdown_table(rows, columns))
 
+
 if __name__ == "__main__":
     main()
