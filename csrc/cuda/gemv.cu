@@ -104,10 +104,12 @@ __global__ void __launch_bounds__(kWarps * 32) gemm_mma_kernel(const T* __restri
     uint32_t q[kUnroll][RT][2];
     bool ok[kUnroll][RT][2];
   };
-  auto load = [&](int j0, Stage& st) {
+  // A warp's kUnroll groups of four chunks are adjacent: 64 * kUnroll contiguous bytes per row per load step.
+  auto chunk = [&](int jb, int u) { return 4 * (jb + warp * kUnroll + u) + tig; };
+  auto load = [&](int jb, Stage& st) {
 #pragma unroll
     for (int u = 0; u < kUnroll; ++u) {
-      const int c = 4 * (j0 + u * kWarps) + tig;
+      const int c = chunk(jb, u);
 #pragma unroll
       for (int rt = 0; rt < RT; ++rt)
 #pragma unroll
@@ -131,10 +133,10 @@ __global__ void __launch_bounds__(kWarps * 32) gemm_mma_kernel(const T* __restri
   // loads is always in flight behind the tensor-core work.
   const int step = kWarps * kUnroll;
   Stage cur;
-  load(warp, cur);
-  for (int j0 = warp; 4 * j0 < KC; j0 += step) {
+  load(0, cur);
+  for (int jb = 0; 4 * jb < KC; jb += step) {
     Stage nxt;
-    load(j0 + step, nxt);
+    load(jb + step, nxt);
     uint32_t scale[kUnroll][RT][2];
 #pragma unroll
     for (int u = 0; u < kUnroll; ++u)
@@ -147,7 +149,7 @@ __global__ void __launch_bounds__(kWarps * 32) gemm_mma_kernel(const T* __restri
         }
 #pragma unroll
     for (int u = 0; u < kUnroll; ++u) {
-      const int c = 4 * (j0 + u * kWarps) + tig;  // past the end: zero scale and zero x, adds exact zeros
+      const int c = chunk(jb, u);  // past the end: zero scale and zero x, adds exact zeros
 #pragma unroll
       for (int s = 0; s < 8; ++s) {
         uint2 bf[NT];
