@@ -24,10 +24,10 @@ namespace nf4q::cuda {
 namespace {
 
 constexpr int kWarps = 8;
-// Adjacent 4-chunk groups a warp loads per step: 64 * kUnroll contiguous bytes of each row. A load-only probe on the
-// H200 (notes/cuda.md, round 6) streamed 28672 x 8192 at 2.5-2.95 TB/s with 32 bytes per row per load and 3.1-3.4 with
-// 128-512.
-constexpr int kUnroll = 2;
+// Per step a warp reads kUnits 64-element units (32 bytes, one block scale at block size 64) of each of its rows: 128
+// contiguous bytes per row. A load-only probe on the H200 (notes/cuda.md, round 6) streamed 28672 x 8192 at 2.5-2.95
+// TB/s with 32 bytes per row per load and 3.1-3.4 with 128-512.
+constexpr int kUnits = 4;
 // The byte -> T2 table is addressed by one PRMT (entry e of lane l's copy at e * 256 + 4 l: the byte next to the
 // lane's byte), as in swap_gemm.cu; 32 copies, so a warp's 32 lookups hit 32 distinct banks. 64 KB.
 constexpr int kTableBytes = 256 * 256;
@@ -60,6 +60,20 @@ constexpr int smem_bytes() {
   return kTableBytes + 256 * 4 + kWarps * RT * NT * 4 * 32 * 4;
 }
 
+// Scales of one step, loaded with the weight: block size 64 and K % 256 == 0 (gemm_mma checks), so a row's four units
+// are four consecutive, 4-aligned blocks: one 32-bit word of codes and one nested fp32 (double quant) or one float4.
+template <bool DQ>
+struct StepScales;
+template <>
+struct StepScales<true> {
+  uint32_t q;  // byte u: the 8-bit code of unit u's absmax
+  float s;     // their nested fp32 scale
+};
+template <>
+struct StepScales<false> {
+  float4 a;  // the fp32 absmax of units 0..3
+};
+
 template <typename T, int NT, int RT, bool DQ>
 __global__ void __launch_bounds__(kWarps * 32, NT == 1 ? 2 : 1)
     gemm_mma_kernel(const T* __restrict__ x, W4View w, const T* __restrict__ bias, T* __restrict__ y, int M, int N,
@@ -78,7 +92,7 @@ __global__ void __launch_bounds__(kWarps * 32, NT == 1 ? 2 : 1)
   }
   __syncthreads();
   const uint32_t lane_byte = 4 * lane;
-  // The pair of byte J of word: PRMT puts that byte next to the lane's byte (e << 8 | 4 lane), the table's offset.
+  // The pair of byte j of word: PRMT puts that byte next to the lane's byte (e << 8 | 4 lane), the table's offset.
   auto look = [&](uint32_t word, uint32_t sel) {
     uint32_t off;
     asm("prmt.b32 %0, %1, %2, %3;" : "=r"(off) : "r"(word), "r"(lane_byte), "r"(sel));
@@ -86,23 +100,21 @@ __global__ void __launch_bounds__(kWarps * 32, NT == 1 ? 2 : 1)
   };
   const float offset = DQ ? __ldg(w.nested_offset) : 0.f;
   const int m0 = blockIdx.y * 8 * NT;
-  const int KC = K / 32;  // 32-k chunks per row (16 bytes)
+  const int KU = K / 64, KG = KU / kUnits;  // units and groups of kUnits units per row
   const int ntiles = (N + 16 * RT - 1) / (16 * RT);
-  const int step = kWarps * kUnroll;  // 4-chunk groups per step, all warps
 
-  // One step of one tile: warp w's kUnroll adjacent 4-chunk groups of rows g, g + 8 of each 16-row tile. Past the end
-  // (K, N or the last tile) a chunk reads a clamped valid chunk and gets a zero scale (and zero x past K), so it adds
-  // exact zeros.
+  // One step of one tile: warp w's group of kUnits units of rows g, g + 8 of each 16-row tile; thread t holds bytes
+  // 8t..8t+7 of each unit (elements 16t..16t+15), so the 16 k slots of every mma lie in one block and its block scale
+  // can multiply the fp32 product. Groups past K are skipped (warp-uniform); rows past N read row N - 1 and get a
+  // zero scale.
   struct Stage {
-    uint4 wq[kUnroll][RT][2];
-    float s[kUnroll][RT][2];
-    uint32_t q[kUnroll][RT][2];
-    uint32_t ok;  // bit (u * RT + rt) * 2 + h: that chunk of that row is inside W (a mask: fewer registers)
+    uint2 wq[kUnits][RT][2];
+    StepScales<DQ> sc[RT][2];
+    uint32_t ok;  // bit rt * 2 + h: that row is inside W and the group inside K
   };
-  auto chunk = [&](int jb, int u) { return 4 * (jb + warp * kUnroll + u) + tig; };
-  // The load cursor's rows (set at each tile's first step): offset of each row's start in 32-element chunks (32-bit
-  // arithmetic; rows past N clamped to N - 1, their bit in rows_ok clear).
-  uint32_t row_c[RT][2];
+  // The load cursor's rows (set at each tile's first step): each row's first unit (32-bit; rows past N clamped to
+  // N - 1, their bit in rows_ok clear).
+  uint32_t row_u[RT][2];
   uint32_t rows_ok = 0;
   auto set_rows = [&](int tile) {
     rows_ok = 0;
@@ -112,33 +124,29 @@ __global__ void __launch_bounds__(kWarps * 32, NT == 1 ? 2 : 1)
       for (int h = 0; h < 2; ++h) {
         const int row = tile * 16 * RT + 16 * rt + g + 8 * h;  // tiles past the last one: row >= N
         rows_ok |= uint32_t{row < N} << (rt * 2 + h);
-        row_c[rt][h] = static_cast<uint32_t>(min(row, N - 1)) * static_cast<uint32_t>(KC);
+        row_u[rt][h] = static_cast<uint32_t>(min(row, N - 1)) * static_cast<uint32_t>(KU);
       }
   };
   auto load = [&](int tile, int jb, Stage& st) {
     if (jb == 0) set_rows(tile);
-    st.ok = 0;
+    const int grp = jb + warp;
+    st.ok = grp < KG ? rows_ok : 0u;
+    if (grp >= KG) return;
 #pragma unroll
-    for (int u = 0; u < kUnroll; ++u) {
-      const int c = chunk(jb, u);
-      const uint32_t cmask = c < KC ? rows_ok : 0u;
-      const int cc = min(c, KC - 1);  // clamped to a valid chunk: the mask zeroes its scale
-      st.ok |= cmask << (u * RT * 2);
+    for (int rt = 0; rt < RT; ++rt)
 #pragma unroll
-      for (int rt = 0; rt < RT; ++rt)
+      for (int h = 0; h < 2; ++h) {
+        const uint32_t e = row_u[rt][h] + kUnits * grp;  // the group's first unit = its first block
 #pragma unroll
-        for (int h = 0; h < 2; ++h) {
-          const uint32_t e = row_c[rt][h] + cc;  // in chunks: 16 bytes, 32 elements, 2^(log2_bs - 5) per block
-          st.wq[u][rt][h] = ld_stream16(w.packed + 16 * static_cast<uint64_t>(e));
-          const uint32_t blk = e >> (w.log2_bs - 5);
-          if (DQ) {
-            st.q[u][rt][h] = __ldg(static_cast<const uint8_t*>(w.absmax) + blk);
-            st.s[u][rt][h] = __ldg(w.nested_absmax + (blk >> w.nested_log2));
-          } else {
-            st.s[u][rt][h] = __ldg(static_cast<const float*>(w.absmax) + blk);
-          }
+        for (int u = 0; u < kUnits; ++u)
+          st.wq[u][rt][h] = __ldg(reinterpret_cast<const uint2*>(w.packed + 32 * static_cast<uint64_t>(e + u)) + tig);
+        if constexpr (DQ) {
+          st.sc[rt][h].q = __ldg(reinterpret_cast<const uint32_t*>(static_cast<const uint8_t*>(w.absmax) + e));
+          st.sc[rt][h].s = __ldg(w.nested_absmax + (e >> w.nested_log2));
+        } else {
+          st.sc[rt][h].a = __ldg(reinterpret_cast<const float4*>(static_cast<const float*>(w.absmax) + e));
         }
-    }
+      }
   };
 
   float acc[RT][NT][4];
@@ -153,31 +161,24 @@ __global__ void __launch_bounds__(kWarps * 32, NT == 1 ? 2 : 1)
   zero_acc();
 
   // The steps of all this block's tiles (persistent: tiles blockIdx.x, + gridDim.x, ...) run as one stream, so the
-  // next tile's first loads are in flight behind this tile's last math.
-  // Two stages used in turn (no register copies from one to the other).
+  // next tile's first loads are in flight behind this tile's last math; two stages used in turn (no register copies).
   int tile = blockIdx.x, jb = 0;
   auto run = [&](const Stage& cur, Stage& nxt) {
-    int next_tile = tile, next_jb = jb + step;
-    if (4 * next_jb >= KC) next_jb = 0, next_tile += gridDim.x;
+    int next_tile = tile, next_jb = jb + kWarps;
+    if (next_jb >= KG) next_jb = 0, next_tile += gridDim.x;
     load(next_tile, next_jb, nxt);
-    // The warp's last step of a tile may run past K (K not a multiple of 2048): only that one pays for zeroing x.
-    auto math = [&](auto tail) {
-      constexpr bool kTail = decltype(tail)::value;
+    const int grp = jb + warp;
+    if (grp < KG) {
 #pragma unroll
-      for (int u = 0; u < kUnroll; ++u) {
-        const int c = chunk(jb, u);
-        // This chunk's x: k = 32 c + 4 s .. + 3 of token m, 8 bytes per k16 step s (the k order inside an mma is free
-        // as long as A and B agree: byte 2(s&1), +1 of word s/2 of the weight chunk are the same k).
-        // Tokens past M read token M - 1: they only feed output columns that are never stored. Chunks past K read
-        // zeros.
-        const bool cok = !kTail || c < KC;
+      for (int u = 0; u < kUnits; ++u) {
+        // This unit's x: elements 16t + 4s .. + 3 of token m for mma s (the k order inside an mma is free as long as
+        // A and B agree: bytes 2s, 2s + 1 of the thread's 8 bytes are the same elements). Tokens past M read token
+        // M - 1: they only feed output columns that are never stored.
         const uint2* xp[NT];
 #pragma unroll
         for (int nt = 0; nt < NT; ++nt)
           xp[nt] = reinterpret_cast<const uint2*>(x + static_cast<int64_t>(min(m0 + 8 * nt + g, M - 1)) * K +
-                                                  32 * min(c, KC - 1));
-        // The block scales go on the fp32 product of each 32-k chunk (one FFMA per output instead of an HMUL2 per
-        // byte of the fragments).
+                                                  64 * (kUnits * grp + u) + 16 * tig);
         float part[RT][NT][4];
 #pragma unroll
         for (int rt = 0; rt < RT; ++rt)
@@ -186,31 +187,33 @@ __global__ void __launch_bounds__(kWarps * 32, NT == 1 ? 2 : 1)
 #pragma unroll
             for (int i = 0; i < 4; ++i) part[rt][nt][i] = 0.f;
 #pragma unroll
-        for (int s = 0; s < 8; ++s) {
+        for (int s = 0; s < 4; ++s) {
           uint2 b[NT];
 #pragma unroll
           for (int nt = 0; nt < NT; ++nt) b[nt] = __ldg(xp[nt] + s);
-          if (kTail && !cok)
-#pragma unroll
-            for (int nt = 0; nt < NT; ++nt) b[nt] = make_uint2(0, 0);
           const uint32_t j = 2 * (s & 1), sel0 = 0x5504u | (j << 4), sel1 = 0x5504u | ((j + 1) << 4);
 #pragma unroll
           for (int rt = 0; rt < RT; ++rt) {
-            const uint4 qa = cur.wq[u][rt][0], qb = cur.wq[u][rt][1];
-            const uint32_t wa = (s < 2) ? qa.x : (s < 4) ? qa.y : (s < 6) ? qa.z : qa.w;
-            const uint32_t wb = (s < 2) ? qb.x : (s < 4) ? qb.y : (s < 6) ? qb.z : qb.w;
+            const uint32_t wa = s < 2 ? cur.wq[u][rt][0].x : cur.wq[u][rt][0].y;
+            const uint32_t wb = s < 2 ? cur.wq[u][rt][1].x : cur.wq[u][rt][1].y;
             const uint32_t a[4] = {look(wa, sel0), look(wb, sel0), look(wa, sel1), look(wb, sel1)};
 #pragma unroll
             for (int nt = 0; nt < NT; ++nt) Mma<T>::run(part[rt][nt], a, b[nt]);
           }
         }
+        // The unit's block scale on its fp32 product: one FFMA per output instead of an HMUL2 per byte.
 #pragma unroll
         for (int rt = 0; rt < RT; ++rt)
 #pragma unroll
           for (int h = 0; h < 2; ++h) {
-            const float sc = (cur.ok >> ((u * RT + rt) * 2 + h)) & 1u
-                                 ? (DQ ? fmaf(ncode[cur.q[u][rt][h]], cur.s[u][rt][h], offset) : cur.s[u][rt][h])
-                                 : 0.f;
+            float sc;
+            if constexpr (DQ) {
+              sc = fmaf(ncode[(cur.sc[rt][h].q >> (8 * u)) & 0xffu], cur.sc[rt][h].s, offset);
+            } else {
+              const float4 a4 = cur.sc[rt][h].a;
+              sc = u == 0 ? a4.x : u == 1 ? a4.y : u == 2 ? a4.z : a4.w;
+            }
+            sc = (cur.ok >> (rt * 2 + h)) & 1u ? sc : 0.f;
 #pragma unroll
             for (int nt = 0; nt < NT; ++nt)
 #pragma unroll
@@ -218,11 +221,6 @@ __global__ void __launch_bounds__(kWarps * 32, NT == 1 ? 2 : 1)
                 acc[rt][nt][2 * h + e] = fmaf(part[rt][nt][2 * h + e], sc, acc[rt][nt][2 * h + e]);
           }
       }
-    };
-    if (chunk(jb, kUnroll - 1) - tig + 3 < KC) {
-      math(std::false_type{});
-    } else {
-      math(std::true_type{});
     }
 
     if (next_jb == 0) {  // the tile is done: reduce over the warps, then the epilogue
@@ -323,11 +321,15 @@ bool gemm_mma(const at::Tensor& x2_in, const W4& w, const c10::optional<at::Tens
   const int64_t M = x2_in.size(0), N = w.rows(), K = w.cols();
   const auto dt = x2_in.scalar_type();
   if (dt != at::kHalf && dt != at::kBFloat16) return false;
-  if (K % 32 != 0 || K == 0 || M == 0 || N == 0 || !aligned16(w.packed.data_ptr())) return false;
-  // nested blocks of a power of two (bitsandbytes: 256): a shift, never a division, per scale
-  if (w.double_quant() && (w.nested_blocksize & (w.nested_blocksize - 1)) != 0) return false;
+  if (K % 256 != 0 || K == 0 || M == 0 || N == 0 || !aligned16(w.packed.data_ptr())) return false;
+  // A row's four units of a step are four 4-aligned blocks of one nested group: one word of codes (or one float4)
+  // and one nested scale per row per step (the kernel's StepScales).
+  const auto scales = reinterpret_cast<uintptr_t>(w.absmax.data_ptr());
+  if (w.blocksize != 64 || scales % (w.double_quant() ? 4 : 16) != 0) return false;
+  if (w.double_quant() && (w.nested_blocksize < 4 || (w.nested_blocksize & (w.nested_blocksize - 1)) != 0))
+    return false;
   if (M > INT32_MAX || N > INT32_MAX || K > INT32_MAX || M * K > INT32_MAX * int64_t{32}) return false;
-  if (N * K / 32 > UINT32_MAX) return false;  // chunk offsets are 32-bit
+  if (N * K / 64 > UINT32_MAX) return false;  // unit offsets are 32-bit
   const auto x2 = contiguous_aligned16(x2_in);
   at::Tensor b;
   if (bias) b = bias->to(dt).contiguous();
