@@ -1,5 +1,6 @@
-"""numpy emulation of gemv.cu's gemm_mma_kernel (NT = 1, RT = 1), float64: checks its index logic (units, k order inside
-each mma, block scales on the fp32 products, tiles, rows past N, the persistent loop) against x @ W^T without a GPU."""
+"""numpy emulation of gemv.cu's decode_unit_kernel (NT = 1, RT = 1), float64: checks its index logic (units, k order
+inside each mma, block scales on the fp32 products, tiles, rows past N, the persistent loop) against x @ W^T without a
+GPU."""
 import numpy as np
 
 rng = np.random.default_rng(0)

@@ -36,7 +36,8 @@ void stream(torch::Tensor w, int64_t tpr, int64_t d, torch::Tensor out) {
 }
 """
 mod = load_inline("ldg_ceiling", cpp_sources="void stream(torch::Tensor w, int64_t tpr, int64_t d, torch::Tensor out);",
-                  cuda_sources=src, functions=["stream"], extra_cuda_cflags=["-O3", "-gencode=arch=compute_90a,code=sm_90a"])
+                  cuda_sources=src, functions=["stream"],
+                  extra_cuda_cflags=["-O3", "-gencode=arch=compute_90a,code=sm_90a"])
 out = torch.zeros(1, dtype=torch.int32, device="cuda")
 for N, K in [(28672, 8192), (8192, 28672), (8192, 8192)]:
     w = torch.randint(0, 255, (N, K // 2), dtype=torch.uint8, device="cuda")
@@ -44,8 +45,8 @@ for N, K in [(28672, 8192), (8192, 28672), (8192, 8192)]:
         for d in [1, 4, 8, 16]:
             if tpr != 2 and d == 16:
                 continue
-            t = do_bench(lambda: mod.stream(w, tpr, d, out), return_mode="median")
-            print(f"{N}x{K} TPR {tpr:2d} ({16 * tpr:3d} B/row) D {d:2d}: {t * 1e3:6.1f} us {w.numel() / t / 1e9:.2f} TB/s",
-                  flush=True)
-    t = do_bench(lambda: w.view(torch.int64).sum(), return_mode="median")
+            t = do_bench(lambda w=w, tpr=tpr, d=d: mod.stream(w, tpr, d, out), return_mode="median")
+            print(f"{N}x{K} TPR {tpr:2d} ({16 * tpr:3d} B/row) D {d:2d}: {t * 1e3:6.1f} us "
+                  f"{w.numel() / t / 1e9:.2f} TB/s", flush=True)
+    t = do_bench(lambda w=w: w.view(torch.int64).sum(), return_mode="median")
     print(f"{N}x{K} torch int64 sum: {t * 1e3:6.1f} us {w.numel() / t / 1e9:.2f} TB/s", flush=True)
