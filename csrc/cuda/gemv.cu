@@ -77,6 +77,17 @@ constexpr int smem_bytes() {
   return 256 * 32 * 4 + 256 * 4 + kWarps * RT * NT * 4 * 32 * 4;
 }
 
+// Every accumulator of a thread's [RT][NT] mma tiles set to 0.
+template <int RT, int NT>
+__device__ __forceinline__ void zero_tiles(float (&a)[RT][NT][4]) {
+#pragma unroll
+  for (int rt = 0; rt < RT; ++rt)
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+      for (int i = 0; i < 4; ++i) a[rt][nt][i] = 0.f;
+}
+
 // The reduction over the warps (deterministic) and the epilogue of one tile: acc[rt][nt] = c0, c1 (row g, tokens
 // 2tig, 2tig + 1), c2, c3 (row g + 8) of each warp's partial sums.
 template <typename T, int NT, int RT>
@@ -134,12 +145,7 @@ __global__ void __launch_bounds__(kWarps * 32)
   for (int tile = blockIdx.x; tile < ntiles; tile += gridDim.x) {
     const int r0 = tile * 16 * RT;
     float acc[RT][NT][4];
-#pragma unroll
-    for (int rt = 0; rt < RT; ++rt)
-#pragma unroll
-      for (int nt = 0; nt < NT; ++nt)
-#pragma unroll
-        for (int i = 0; i < 4; ++i) acc[rt][nt][i] = 0.f;
+    zero_tiles(acc);
 
     // Raw loads of one step: the weight chunks and their scales. Out-of-range chunks read element 0 and get a
     // zero scale, so their dequantized A fragment is exactly 0 (branch-free loads).
@@ -324,15 +330,7 @@ __global__ void __launch_bounds__(kWarps * 32, 2)
   };
 
   float acc[RT][NT][4];
-  auto zero_acc = [&] {
-#pragma unroll
-    for (int rt = 0; rt < RT; ++rt)
-#pragma unroll
-      for (int nt = 0; nt < NT; ++nt)
-#pragma unroll
-        for (int i = 0; i < 4; ++i) acc[rt][nt][i] = 0.f;
-  };
-  zero_acc();
+  zero_tiles(acc);
 
   // The steps of all this block's tiles (persistent: tiles blockIdx.x, + gridDim.x, ...) run as one stream, so the
   // next tile's first loads are in flight behind this tile's last math; two stages used in turn (no register copies).
@@ -354,12 +352,7 @@ __global__ void __launch_bounds__(kWarps * 32, 2)
           xp[nt] = reinterpret_cast<const uint2*>(x + static_cast<int64_t>(min(m0 + 8 * nt + g, M - 1)) * K +
                                                   64 * (kUnits * grp + u) + 16 * tig);
         float part[RT][NT][4];
-#pragma unroll
-        for (int rt = 0; rt < RT; ++rt)
-#pragma unroll
-          for (int nt = 0; nt < NT; ++nt)
-#pragma unroll
-            for (int i = 0; i < 4; ++i) part[rt][nt][i] = 0.f;
+        zero_tiles(part);
 #pragma unroll
         for (int s = 0; s < 4; ++s) {
           uint2 b[NT];
@@ -399,7 +392,7 @@ __global__ void __launch_bounds__(kWarps * 32, 2)
 
     if (next_jb == 0) {  // the tile is done
       store_tile<T, NT, RT>(red, acc, tile * 16 * RT, m0, N, M, bias, y);
-      zero_acc();
+      zero_tiles(acc);
     }
     tile = next_tile;
     jb = next_jb;
