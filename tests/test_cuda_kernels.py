@@ -144,6 +144,18 @@ def test_gemm_4bit_forced_paths(path, M, monkeypatch):
         check_gemm(M, dtype, 77, 96, 32, False, noncontig=True, with_bias=False, seed=M + 1)
 
 
+@pytest.mark.parametrize("M", [1, 3, 8])
+@pytest.mark.parametrize("dq", [True, False])
+def test_decode_unit_kernel_edges(M, dq, monkeypatch):
+    """gemv.cu's decode_unit_kernel (M <= 8, block size 64, K % 256 == 0): rows past N (5000 and 37 are not multiples
+    of 16), K of 13 and 1 groups (warps idle on a tile's last step), several tiles per persistent block (5000 rows >
+    16 x the blocks a GPU holds), fp32 absmax and double quant, fp16 and bf16, non-contiguous x."""
+    monkeypatch.setenv("NF4Q_CUDA_GEMM", "mma")
+    for dtype in (torch.float16, torch.bfloat16):
+        check_gemm(M, dtype, 5000, 256 * 13, 64, dq, noncontig=M == 3, with_bias=dq, seed=M)
+        check_gemm(M, dtype, 37, 256, 64, dq, noncontig=False, with_bias=not dq, seed=M + 7)
+
+
 def test_gemm_4bit_leading_dims_and_dynamic_nested_map():
     qw = quantized(200, 256, 64, True, nested_map="dynamic")
     x = torch.randn(2, 3, 5, 256, device="cuda", dtype=torch.bfloat16)
