@@ -1,6 +1,6 @@
-"""numpy emulation of gemv.cu's decode_unit_kernel (NT = 1, RT = 1), float64: checks its index logic (units, k order
-inside each mma, block scales on the fp32 products, tiles, rows past N, the persistent loop) against x @ W^T without a
-GPU."""
+"""numpy emulation of gemv.cu's decode_unit_kernel, float64: checks its index logic (the ring's copies and swizzled
+reads, units, k order inside each mma, block scales on the fp32 products, tiles, rows past N, the persistent loop)
+against x @ W^T without a GPU. The tests (test_decode_unit_kernel_edges) check the kernel itself on a GPU."""
 import numpy as np
 
 rng = np.random.default_rng(0)
@@ -8,7 +8,7 @@ code = np.sort(rng.uniform(-1, 1, 16))
 code[7] = 0.0
 
 
-def emulate(x, packed, scales, N, K, M, grid, kWarps=8, kUnits=4):
+def emulate(x, packed, scales, N, K, M, grid, kWarps=16, kUnits=4):
     KU, KG = K // 64, K // 256
     ntiles = (N + 15) // 16
     y = np.full((M, N), np.nan)
@@ -24,6 +24,15 @@ def emulate(x, packed, scales, N, K, M, grid, kWarps=8, kUnits=4):
                 grp = jb + warp
                 if grp >= KG:
                     continue
+                # The step's copies into the warp's ring slot: lane l's 16-byte chunk l % 8 of rows l / 8 + 4 i.
+                ring = np.full(16 * 128, -1, dtype=np.int64)
+                for lane in range(32):
+                    cc, r0 = lane % 8, lane // 8
+                    for i in range(4):
+                        r = r0 + 4 * i
+                        e = min(tile * 16 + r, N - 1) * KU + kUnits * grp
+                        dst = r * 128 + 16 * (cc ^ (2 * r0))
+                        ring[dst: dst + 16] = packed[32 * e + 16 * cc: 32 * e + 16 * cc + 16]
                 for u in range(kUnits):
                     A, B, sc = np.zeros((4, 16, 16)), np.zeros((4, 16, 8)), np.zeros((32, 2))
                     for lane in range(32):
@@ -33,8 +42,9 @@ def emulate(x, packed, scales, N, K, M, grid, kWarps=8, kUnits=4):
                         for h in range(2):
                             row = tile * 16 + g + 8 * h
                             e = min(row, N - 1) * KU + kUnits * grp + u
-                            unit = packed[32 * e: 32 * e + 32]
-                            mine = unit[8 * t: 8 * t + 8]
+                            off = (g + 8 * h) * 128 + 8 * ((4 * u + t) ^ (4 * (g & 3)))
+                            mine = ring[off: off + 8]
+                            assert (mine >= 0).all() and (mine == packed[32 * e + 8 * t: 32 * e + 8 * t + 8]).all()
                             sc[lane, h] = scales[e] if row < N else 0.0
                             for s in range(4):
                                 word = mine[0:4] if s < 2 else mine[4:8]

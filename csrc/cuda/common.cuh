@@ -151,6 +151,9 @@ at::Tensor dequant4_full(const W4& w, at::ScalarType dtype);
 // Small-M fused path: y[M, N] = x[M, K] @ dequant(W)^T (+ bias), tensor cores with dequantization in
 // registers. Returns false (doing nothing) when the inputs do not fit its constraints.
 bool gemm_mma(const at::Tensor& x2, const W4& w, const c10::optional<at::Tensor>& bias, at::Tensor& y);
+// Whether gemm_mma takes its decode kernel (M <= 8) for this weight: block size 64, K % 256 == 0, aligned scales and
+// enough shared memory (227 KB: Hopper; other GPUs keep the chunk kernel).
+bool decode_unit_eligible(const W4& w);
 
 // Small- and mid-M fused path (swap_gemm.cu, wgmma on sm_90a): y[M, N] = x2[M, K] @ dequant(W)^T (+ bias) as
 // W . x2^T with W dequantized in registers as wgmma's A operand. Returns false (doing nothing) when the inputs do

@@ -1,8 +1,8 @@
-// CUDA gemm_4bit and gemm_4bit_dx: dispatch between the swapped wgmma kernel for M <= 2048 (swap_gemm.cu, sm_90a;
-// M = 1 only for W of 8192 rows or more), the mma.sync small-M kernel (gemv.cu) for the other M = 1 (and M <= 8
-// where the swapped kernel does not apply), the x-as-A wgmma kernel (fused_gemm.cu: backward, and forward where the
-// swapped one does not apply) and, above that or where none applies (odd shapes, fp32, other GPUs), cuBLAS on
-// dequantized slabs of W (measurements in notes/cuda.md).
+// CUDA gemm_4bit and gemm_4bit_dx: dispatch between the mma.sync small-M kernels (gemv.cu: its decode kernel for M = 1,
+// and M <= 8 on small weights, wherever that kernel applies; its chunk kernel for M <= 8 where nothing else does), the
+// swapped wgmma kernel for M <= 2048 (swap_gemm.cu, sm_90a), the x-as-A wgmma kernel (fused_gemm.cu: backward, and
+// forward where the swapped one does not apply) and, above that or where none applies (odd shapes, fp32, other GPUs),
+// cuBLAS on dequantized slabs of W (measurements in notes/cuda.md).
 #include <torch/library.h>
 
 #include "common.cuh"
@@ -10,12 +10,14 @@
 namespace nf4q::cuda {
 namespace {
 
-// Largest M for the mma.sync kernel (NF4Q_CUDA_GEMM overrides). On a 9.0 GPU the swapped kernel takes M > 1, and
-// M = 1 where W has at least kSwapDecodeMinN rows: bench_linear on the H200, mma vs swapped us at M = 1: 28672x8192
-// 80.0 vs 67.9, 8192x28672 67.1 vs 66.3, 14336x4096 28.3 vs 26.4, but with fewer row tiles the swapped kernel's
-// split-K costs more than it saves (4096x14336 24.1 vs 25.9, 4096x4096 13.5 vs 15.1); at M = 4 the swapped kernel
-// wins but on 4096x4096 (4096x14336 29.0 vs 26.0, 1024x8192 14.5 vs 13.4, 4096x4096 14.1 vs 15.0).
-constexpr int64_t kMmaMaxM = 8, kSwapDecodeMinN = 8192;
+// Largest M for the mma.sync kernels (NF4Q_CUDA_GEMM overrides). gemv.cu's decode kernel (block size 64, K % 256 == 0,
+// Hopper's shared memory) takes M = 1 and, on weights of at most kDecodeMaxNK elements, M <= 8; bench_linear on the
+// H200, decode vs swapped kernel, us: M = 1 28672x8192 61.1 vs 68.0, 8192x28672 60.1 vs 66.1, 8192x8192 24.9 vs
+// 27.7, 4096x4096 12.2 vs 14.8; M = 4 4096x4096 12.7 vs 15.0, 1024x8192 11.6 vs 13.2, 8192x8192 28.7 vs 27.8,
+// 28672x8192 75.8 vs 68.1. Where the decode kernel does not apply, the swapped kernel takes M > 1, and M = 1 where W
+// has at least kSwapDecodeMinN rows (mma chunk kernel vs swapped at M = 1: 28672x8192 80.0 vs 67.9, 4096x14336 24.1
+// vs 25.9, 4096x4096 13.5 vs 15.1).
+constexpr int64_t kMmaMaxM = 8, kSwapDecodeMinN = 8192, kDecodeMaxNK = int64_t{4096} * 4096;
 // The x-as-A wgmma kernel: backward, and forward where the swapped one does not apply (block size 32), chosen
 // automatically for M <= 256 when its 128 x 128 tiles half-fill the GPU or more;
 // elsewhere dequantized slabs + cuBLAS won on the H200 (scratch measurements in notes/cuda.md: at M = 4096 the
@@ -73,6 +75,10 @@ at::Tensor gemm_2d(const at::Tensor& x2, const W4& w, const c10::optional<at::Te
     return y;
   }
   const auto path = forced_gemm_path();
+  if (path == GemmPath::kAuto && M <= kMmaMaxM && (M == 1 || N * K <= kDecodeMaxNK) && decode_unit_eligible(w)) {
+    auto y = at::empty({M, N}, x2.options().dtype(dt));
+    if (gemm_mma(x2, w, bias, y)) return y;
+  }
   if (path == GemmPath::kSwap || (path == GemmPath::kAuto && use_swap(M, N))) {
     auto y = at::empty({M, N}, x2.options().dtype(dt));
     if (gemm_swap(x2, w, bias, y)) return y;

@@ -12,11 +12,12 @@
 // Block: 16*RT rows of W, WARPS warps splitting K (chunk columns strided by WARPS), reduced through shared
 // memory at the end (deterministic, one launch). Grid: (N / (16*RT), M / (8*NT)).
 //
-// decode_unit_kernel (M <= 8, block size 64, K % 256 == 0) is the same product arranged for bandwidth: per step a warp
-// reads four 64-element units (128 contiguous bytes) of each row and thread t holds bytes 8t..8t+7 of each unit, so
-// the 16 k slots of an mma lie in one block and its scale multiplies the fp32 product (4 FFMA per unit instead of 32
-// HMUL2); a lookup is one PRMT + one LDS (swap_gemm.cu's lane-copied table); the steps of a persistent block's tiles
-// form one software pipeline. scripts/emulate_gemv.py checks its index logic in numpy.
+// decode_unit_kernel (M <= 8, block size 64, K % 256 == 0, Hopper's 227 KB of shared memory) is the same product
+// arranged for bandwidth: per step a warp reads four 64-element units (128 contiguous bytes) of each of 16 rows through
+// its own cp.async ring (4 stages: three steps in flight, no registers held), and thread t takes bytes 8t..8t+7 of
+// each unit, so the 16 k slots of an mma lie in one block and its scale multiplies the fp32 product (4 FFMA per unit
+// instead of 32 HMUL2); a lookup is one PRMT (whose result is the shared address) + one LDS; one block of 16 warps per
+// SM, persistent. scripts/emulate_gemv.py checks its index logic in numpy.
 #include <cstdlib>
 #include <cstring>
 #include <type_traits>
@@ -90,7 +91,7 @@ __device__ __forceinline__ void zero_tiles(float (&a)[RT][NT][4]) {
 
 // The reduction over the warps (deterministic) and the epilogue of one tile: acc[rt][nt] = c0, c1 (row g, tokens
 // 2tig, 2tig + 1), c2, c3 (row g + 8) of each warp's partial sums.
-template <typename T, int NT, int RT>
+template <typename T, int NT, int RT, int WARPS = kWarps>
 __device__ __forceinline__ void store_tile(float (*red)[RT * NT * 4][32], const float (&acc)[RT][NT][4], int r0, int m0,
                                            int N, int M, const T* __restrict__ bias, T* __restrict__ y) {
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
@@ -102,11 +103,11 @@ __device__ __forceinline__ void store_tile(float (*red)[RT * NT * 4][32], const 
 #pragma unroll
       for (int i = 0; i < 4; ++i) red[warp][(rt * NT + nt) * 4 + i][lane] = acc[rt][nt][i];
   __syncthreads();
-  for (int p = tid; p < RT * NT * 4 * 32; p += kWarps * 32) {
+  for (int p = tid; p < RT * NT * 4 * 32; p += WARPS * 32) {
     const int idx = p / 32, l = p % 32;
     float sum = 0.f;
 #pragma unroll
-    for (int wi = 0; wi < kWarps; ++wi) sum += red[wi][idx][l];
+    for (int wi = 0; wi < WARPS; ++wi) sum += red[wi][idx][l];
     const int i = idx % 4, nt = (idx / 4) % NT, rt = idx / (4 * NT);
     const int row = r0 + 16 * rt + l / 4 + 8 * (i / 2);
     const int m = m0 + 8 * nt + 2 * (l % 4) + (i % 2);
@@ -233,183 +234,188 @@ __global__ void __launch_bounds__(kWarps * 32)
   }  // tile loop
 }
 
-// decode_unit_kernel's dynamic shared memory: the PRMT-addressed table (first, so that a lookup's address is the PRMT
-// result itself), the nested-code table, and the buffer of the reduction over the warps.
-template <int NT, int RT>
-constexpr int unit_smem_bytes() {
-  return kTableBytes + 256 * 4 + kWarps * RT * NT * 4 * 32 * 4;
+// decode_unit_kernel's dynamic shared memory: the table, at a 64 KB-aligned shared address so that a lookup's address
+// is one PRMT of the code byte with (table | 4 lane), and 1 + kUnitWarps slots of kSlot bytes: the nested-code table
+// and the reduction buffer, then each warp's ring of kUnitStages steps (its 16 rows x 128 bytes of codes, then their
+// scales). Slots go below the table while they fit in the padding, the others above it; the padding left over is
+// under one slot, which the size allows for.
+constexpr int kUnitWarps = 16;
+constexpr int kUnitStages = 4;
+constexpr int kStepBytes = 16 * 128, kStepScaleBytes = 16 * 16;
+constexpr int kSlot = kUnitStages * (kStepBytes + kStepScaleBytes);
+static_assert(256 * 4 + kUnitWarps * 4 * 32 * 4 <= kSlot, "the nested codes and the reduction buffer fit one slot");
+constexpr int kUnitSmem = kTableBytes + (1 + kUnitWarps) * kSlot + kSlot - 16;
+
+__device__ __forceinline__ uint32_t smem_u32(const void* p) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+// A shared-memory load at a 32-bit shared address; volatile so that it stays after the cp.async wait before it.
+template <typename V>
+__device__ __forceinline__ V lds(uint32_t a) {
+  V v;
+  if constexpr (sizeof(V) == 4) {
+    asm volatile("ld.shared.b32 %0, [%1];" : "=r"(*reinterpret_cast<uint32_t*>(&v)) : "r"(a));
+  } else {
+    static_assert(sizeof(V) == 8);
+    asm volatile("ld.shared.v2.b32 {%0, %1}, [%2];"
+                 : "=r"(reinterpret_cast<uint32_t*>(&v)[0]), "=r"(reinterpret_cast<uint32_t*>(&v)[1])
+                 : "r"(a));
+  }
+  return v;
 }
 
-// Scales of one step, loaded with the weight: block size 64 and K % 256 == 0 (gemm_mma checks), so a row's four units
-// are four consecutive, 4-aligned blocks: one 32-bit word of codes and one nested fp32 (double quant) or one float4.
-template <bool DQ>
-struct StepScales;
-template <>
-struct StepScales<true> {
-  uint32_t q;  // byte u: the 8-bit code of unit u's absmax
-  float s;     // their nested fp32 scale
-};
-template <>
-struct StepScales<false> {
-  float4 a;  // the fp32 absmax of units 0..3
-};
+__device__ __forceinline__ void cp_async(uint32_t dst, const void* src, int bytes4or16) {
+  if (bytes4or16 == 16)
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(dst), "l"(src));
+  else
+    asm volatile("cp.async.ca.shared.global [%0], [%1], 4;" ::"r"(dst), "l"(src));
+}
 
-template <typename T, int NT, int RT, bool DQ>
-__global__ void __launch_bounds__(kWarps * 32, 2)
+// The ring's layout: row r's 16-byte chunk c at r * 128 + 16 * (c ^ 2 (r & 3)), so that the 16 lanes of a half warp
+// reading 8 bytes each of rows g = 0..3 (or 4..7) hit 16 distinct bank pairs.
+template <typename T, bool DQ>
+__global__ void __launch_bounds__(kUnitWarps * 32, 1)
     decode_unit_kernel(const T* __restrict__ x, W4View w, const T* __restrict__ bias, T* __restrict__ y, int M, int N,
                        int K) {
   extern __shared__ uint4 smem[];
-  uint8_t* table = reinterpret_cast<uint8_t*>(smem);
-  float* ncode = reinterpret_cast<float*>(table + kTableBytes);
-  float(*red)[RT * NT * 4][32] = reinterpret_cast<float(*)[RT * NT * 4][32]>(ncode + 256);
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32, g = lane / 4, tig = lane % 4;
-  {
+  // 32-bit shared addresses (ld.shared): a generic pointer into shared memory costs an add per access on sm_90.
+  const uint32_t smem_s = smem_u32(smem), pad = (0u - smem_s) & 0xffffu, table_s = smem_s + pad;
+  auto slot_s = [&](int i) {
+    const int below = static_cast<int>(pad) / kSlot;
+    return i < below ? smem_s + i * kSlot : table_s + kTableBytes + (i - below) * kSlot;
+  };
+  auto generic = [&](uint32_t a) { return reinterpret_cast<uint8_t*>(smem) + (a - smem_s); };
+  const uint32_t ncode_s = slot_s(0), ring_s = slot_s(1 + warp);
+  float* ncode = reinterpret_cast<float*>(generic(ncode_s));
+  float(*red)[4][32] = reinterpret_cast<float(*)[4][32]>(ncode + 256);
+  if (tid < 256) {
     const uint32_t v = Cvt<T>::pack(__ldg(w.code + (tid >> 4)), __ldg(w.code + (tid & 15)));
-    uint4* dst = reinterpret_cast<uint4*>(table + tid * 256);
+    uint4* dst = reinterpret_cast<uint4*>(generic(table_s) + tid * 256);
 #pragma unroll
     for (int i = 0; i < 8; ++i) dst[i] = make_uint4(v, v, v, v);  // 32 copies of entry tid
     if (DQ) ncode[tid] = __ldg(w.nested_code + tid);
   }
   __syncthreads();
-  const uint32_t lane_byte = 4 * lane;
-  // The pair of byte j of word: PRMT puts that byte next to the lane's byte (e << 8 | 4 lane), the table's offset.
+  const uint32_t lane_b = table_s | 4 * lane;
+  // The pair of byte j of word, from this lane's copy: PRMT (sel 0x76j4) gives table + (byte << 8) + 4 lane.
   auto look = [&](uint32_t word, uint32_t sel) {
     uint32_t off;
-    asm("prmt.b32 %0, %1, %2, %3;" : "=r"(off) : "r"(word), "r"(lane_byte), "r"(sel));
-    return *reinterpret_cast<const uint32_t*>(table + off);
+    asm("prmt.b32 %0, %1, %2, %3;" : "=r"(off) : "r"(word), "r"(lane_b), "r"(sel));
+    return lds<uint32_t>(off);
   };
   const float offset = DQ ? __ldg(w.nested_offset) : 0.f;
-  const int m0 = blockIdx.y * 8 * NT;
   const int KU = K / 64, KG = KU / kUnits;  // units and groups of kUnits units per row
-  const int ntiles = (N + 16 * RT - 1) / (16 * RT);
+  const int ntiles = (N + 15) / 16;
 
-  // One step of one tile: warp w's group of kUnits units of rows g, g + 8 of each 16-row tile; thread t holds bytes
-  // 8t..8t+7 of each unit (elements 16t..16t+15), so the 16 k slots of every mma lie in one block and its block scale
-  // can multiply the fp32 product. Groups past K are skipped (warp-uniform); rows past N read row N - 1 and get a
-  // zero scale.
-  struct Stage {
-    uint2 wq[kUnits][RT][2];
-    StepScales<DQ> sc[RT][2];
-    uint32_t ok;  // bit rt * 2 + h: that row is inside W and the group inside K
+  // A step: warp w's group jb + w of kUnits units of the tile's 16 rows. Steps run tile by tile (a persistent block's
+  // tiles blockIdx.x, + gridDim.x, ...), jb by kUnitWarps; the load cursor runs kUnitStages - 1 steps ahead of the
+  // compute cursor.
+  struct Cursor {
+    int tile, jb;
+    __device__ void next(int KG) {
+      jb += kUnitWarps;
+      if (jb >= KG) jb = 0, tile += gridDim.x;
+    }
   };
-  // The load cursor's rows (set at each tile's first step): each row's first unit (32-bit; rows past N clamped to
-  // N - 1, their bit in rows_ok clear).
-  uint32_t row_u[RT][2];
-  uint32_t rows_ok = 0;
-  auto set_rows = [&](int tile) {
-    rows_ok = 0;
+  // Lane l copies 16-byte chunk l % 8 of rows l / 8 + {0, 4, 8, 12} and one scale word of row l % 16 (the code word
+  // for l < 16, the nested scale otherwise; without double quant the float4 of row l, l < 16). Rows past N read row
+  // N - 1 (their scale is zeroed at use); groups past K copy nothing.
+  auto issue = [&](Cursor c, int slot) {
+    const int grp = c.jb + warp;
+    if (c.tile < ntiles && grp < KG) {
+      const uint32_t base = ring_s + slot * (kStepBytes + kStepScaleBytes);
+      const int cc = lane % 8, r0 = lane / 8;
 #pragma unroll
-    for (int rt = 0; rt < RT; ++rt)
-#pragma unroll
-      for (int h = 0; h < 2; ++h) {
-        const int row = tile * 16 * RT + 16 * rt + g + 8 * h;  // tiles past the last one: row >= N
-        rows_ok |= uint32_t{row < N} << (rt * 2 + h);
-        row_u[rt][h] = static_cast<uint32_t>(min(row, N - 1)) * static_cast<uint32_t>(KU);
+      for (int i = 0; i < 4; ++i) {
+        const int r = r0 + 4 * i;
+        const uint32_t e = static_cast<uint32_t>(min(c.tile * 16 + r, N - 1)) * KU + kUnits * grp;
+        cp_async(base + r * 128 + 16 * (cc ^ (2 * r0)), w.packed + 32 * static_cast<uint64_t>(e) + 16 * cc, 16);
       }
-  };
-  auto load = [&](int tile, int jb, Stage& st) {
-    if (jb == 0) set_rows(tile);
-    const int grp = jb + warp;
-    st.ok = grp < KG ? rows_ok : 0u;
-    if (grp >= KG) return;
-#pragma unroll
-    for (int rt = 0; rt < RT; ++rt)
-#pragma unroll
-      for (int h = 0; h < 2; ++h) {
-        const uint32_t e = row_u[rt][h] + kUnits * grp;  // the group's first unit = its first block
-#pragma unroll
-        for (int u = 0; u < kUnits; ++u)
-          st.wq[u][rt][h] = __ldg(reinterpret_cast<const uint2*>(w.packed + 32 * static_cast<uint64_t>(e + u)) + tig);
-        if constexpr (DQ) {
-          st.sc[rt][h].q = __ldg(reinterpret_cast<const uint32_t*>(static_cast<const uint8_t*>(w.absmax) + e));
-          st.sc[rt][h].s = __ldg(w.nested_absmax + (e >> w.nested_log2));
-        } else {
-          st.sc[rt][h].a = __ldg(reinterpret_cast<const float4*>(static_cast<const float*>(w.absmax) + e));
-        }
+      const int r = lane % 16;
+      const uint32_t e = static_cast<uint32_t>(min(c.tile * 16 + r, N - 1)) * KU + kUnits * grp;
+      const uint32_t sdst = base + kStepBytes;
+      if constexpr (DQ) {
+        if (lane < 16)
+          cp_async(sdst + 4 * r, static_cast<const uint8_t*>(w.absmax) + e, 4);
+        else
+          cp_async(sdst + 64 + 4 * r, w.nested_absmax + (e >> w.nested_log2), 4);
+      } else if (lane < 16) {
+        cp_async(sdst + 16 * r, static_cast<const float*>(w.absmax) + e, 16);
       }
+    }
+    asm volatile("cp.async.commit_group;" ::: "memory");
   };
 
-  float acc[RT][NT][4];
+  float acc[1][1][4];
   zero_tiles(acc);
-
-  // The steps of all this block's tiles (persistent: tiles blockIdx.x, + gridDim.x, ...) run as one stream, so the
-  // next tile's first loads are in flight behind this tile's last math; two stages used in turn (no register copies).
-  int tile = blockIdx.x, jb = 0;
-  auto run = [&](const Stage& cur, Stage& nxt) {
-    int next_tile = tile, next_jb = jb + kWarps;
-    if (next_jb >= KG) next_jb = 0, next_tile += gridDim.x;
-    load(next_tile, next_jb, nxt);
-    const int grp = jb + warp;
+  Cursor load{static_cast<int>(blockIdx.x), 0}, cur = load;
+  for (int s = 0; s < kUnitStages - 1; ++s) issue(load, s), load.next(KG);
+  for (int step = 0; cur.tile < ntiles; ++step) {
+    asm volatile("cp.async.wait_group %0;" ::"n"(kUnitStages - 2) : "memory");
+    __syncwarp();  // every lane's copies of this step landed; every lane is done with the slot refilled next
+    issue(load, (step + kUnitStages - 1) % kUnitStages);
+    load.next(KG);
+    const int grp = cur.jb + warp;
     if (grp < KG) {
+      const uint32_t st = ring_s + (step % kUnitStages) * (kStepBytes + kStepScaleBytes);
+      const int sw = 4 * (g & 3);
+      uint32_t ok = 0;  // bit h: row g + 8 h is inside W
+#pragma unroll
+      for (int h = 0; h < 2; ++h) ok |= uint32_t{cur.tile * 16 + g + 8 * h < N} << h;
+      // Tokens past M read token M - 1: they only feed output columns that are never stored.
+      const T* xr = x + static_cast<int64_t>(min(g, M - 1)) * K + 64 * kUnits * grp + 16 * tig;
 #pragma unroll
       for (int u = 0; u < kUnits; ++u) {
-        // This unit's x: elements 16t + 4s .. + 3 of token m for mma s (the k order inside an mma is free as long as
-        // A and B agree: bytes 2s, 2s + 1 of the thread's 8 bytes are the same elements). Tokens past M read token
-        // M - 1: they only feed output columns that are never stored.
-        const uint2* xp[NT];
+        uint2 wq[2];
 #pragma unroll
-        for (int nt = 0; nt < NT; ++nt)
-          xp[nt] = reinterpret_cast<const uint2*>(x + static_cast<int64_t>(min(m0 + 8 * nt + g, M - 1)) * K +
-                                                  64 * (kUnits * grp + u) + 16 * tig);
-        float part[RT][NT][4];
-        zero_tiles(part);
+        for (int h = 0; h < 2; ++h) wq[h] = lds<uint2>(st + (g + 8 * h) * 128 + 8 * ((4 * u + tig) ^ sw));
+        float part[4] = {0.f, 0.f, 0.f, 0.f};
+        // This unit's x: elements 16t + 4s .. + 3 for mma s (the k order inside an mma is free as long as A and B
+        // agree: bytes 2s, 2s + 1 of the thread's 8 bytes are the same elements).
+        const uint4 xv[2] = {__ldg(reinterpret_cast<const uint4*>(xr + 64 * u)),
+                             __ldg(reinterpret_cast<const uint4*>(xr + 64 * u) + 1)};
 #pragma unroll
         for (int s = 0; s < 4; ++s) {
-          uint2 b[NT];
-#pragma unroll
-          for (int nt = 0; nt < NT; ++nt) b[nt] = __ldg(xp[nt] + s);
-          const uint32_t j = 2 * (s & 1), sel0 = 0x5504u | (j << 4), sel1 = 0x5504u | ((j + 1) << 4);
-#pragma unroll
-          for (int rt = 0; rt < RT; ++rt) {
-            const uint32_t wa = s < 2 ? cur.wq[u][rt][0].x : cur.wq[u][rt][0].y;
-            const uint32_t wb = s < 2 ? cur.wq[u][rt][1].x : cur.wq[u][rt][1].y;
-            const uint32_t a[4] = {look(wa, sel0), look(wb, sel0), look(wa, sel1), look(wb, sel1)};
-#pragma unroll
-            for (int nt = 0; nt < NT; ++nt) Mma<T>::run(part[rt][nt], a, b[nt]);
-          }
+          const uint2 b = s % 2 ? make_uint2(xv[s / 2].z, xv[s / 2].w) : make_uint2(xv[s / 2].x, xv[s / 2].y);
+          const uint32_t j = 2 * (s & 1), sel0 = 0x7604u | (j << 4), sel1 = 0x7604u | ((j + 1) << 4);
+          const uint32_t wa = s < 2 ? wq[0].x : wq[0].y, wb = s < 2 ? wq[1].x : wq[1].y;
+          const uint32_t a[4] = {look(wa, sel0), look(wb, sel0), look(wa, sel1), look(wb, sel1)};
+          Mma<T>::run(part, a, b);
         }
         // The unit's block scale on its fp32 product: one FFMA per output instead of an HMUL2 per byte.
 #pragma unroll
-        for (int rt = 0; rt < RT; ++rt)
-#pragma unroll
-          for (int h = 0; h < 2; ++h) {
-            float sc;
-            if constexpr (DQ) {
-              sc = fmaf(ncode[(cur.sc[rt][h].q >> (8 * u)) & 0xffu], cur.sc[rt][h].s, offset);
-            } else {
-              const float4 a4 = cur.sc[rt][h].a;
-              sc = u == 0 ? a4.x : u == 1 ? a4.y : u == 2 ? a4.z : a4.w;
-            }
-            sc = (cur.ok >> (rt * 2 + h)) & 1u ? sc : 0.f;
-#pragma unroll
-            for (int nt = 0; nt < NT; ++nt)
-#pragma unroll
-              for (int e = 0; e < 2; ++e)
-                acc[rt][nt][2 * h + e] = fmaf(part[rt][nt][2 * h + e], sc, acc[rt][nt][2 * h + e]);
+        for (int h = 0; h < 2; ++h) {
+          const int r = g + 8 * h;
+          float sc;
+          if constexpr (DQ) {
+            const uint32_t q = lds<uint32_t>(st + kStepBytes + 4 * r);
+            sc = fmaf(lds<float>(ncode_s + 4 * ((q >> (8 * u)) & 0xffu)), lds<float>(st + kStepBytes + 64 + 4 * r),
+                      offset);
+          } else {
+            sc = lds<float>(st + kStepBytes + 16 * r + 4 * u);
           }
+          sc = (ok >> h) & 1u ? sc : 0.f;
+#pragma unroll
+          for (int e = 0; e < 2; ++e) acc[0][0][2 * h + e] = fmaf(part[2 * h + e], sc, acc[0][0][2 * h + e]);
+        }
       }
     }
-
-    if (next_jb == 0) {  // the tile is done
-      store_tile<T, NT, RT>(red, acc, tile * 16 * RT, m0, N, M, bias, y);
+    const Cursor done = cur;
+    cur.next(KG);
+    if (cur.jb == 0) {  // the tile is done
+      store_tile<T, 1, 1, kUnitWarps>(red, acc, done.tile * 16, 0, N, M, bias, y);
       zero_tiles(acc);
     }
-    tile = next_tile;
-    jb = next_jb;
-    return tile < ntiles;
-  };
-  Stage st0, st1;
-  load(tile, 0, st0);
-  while (tile < ntiles && run(st0, st1) && run(st1, st0)) {
   }
 }
 
 // Blocks per SM for one instantiation (over 48 KB of shared memory needs the opt-in attribute), asked once.
 template <typename Kernel>
-int resident_blocks(Kernel kernel, int smem) {
+int resident_blocks(Kernel kernel, int smem, int threads = kWarps * 32) {
   C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
   int blocks = 0;
-  C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, kernel, kWarps * 32, smem));
+  C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, kernel, threads, smem));
   return std::max(blocks, 1);
 }
 
@@ -428,11 +434,10 @@ void launch_one(const at::Tensor& x2, const W4View& v, const T* bias, at::Tensor
 
 template <typename T, bool DQ>
 void launch_unit(const at::Tensor& x2, const W4View& v, const T* bias, at::Tensor& y, int M, int N, int K) {
-  constexpr int smem = unit_smem_bytes<1, 1>();
-  static const int per_sm = resident_blocks(decode_unit_kernel<T, 1, 1, DQ>, smem);
+  static const int per_sm = resident_blocks(decode_unit_kernel<T, DQ>, kUnitSmem, kUnitWarps * 32);
   const int sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
   const dim3 grid(static_cast<unsigned>(std::min<int64_t>(ceil_div(N, 16), per_sm * sms)), 1);
-  decode_unit_kernel<T, 1, 1, DQ><<<grid, kWarps * 32, smem, at::cuda::getCurrentCUDAStream()>>>(
+  decode_unit_kernel<T, DQ><<<grid, kUnitWarps * 32, kUnitSmem, at::cuda::getCurrentCUDAStream()>>>(
       static_cast<const T*>(x2.data_ptr()), v, bias, static_cast<T*>(y.data_ptr()), M, N, K);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
@@ -477,6 +482,15 @@ GemmPath forced_gemm_path() {
   return GemmPath::kAuto;
 }
 
+bool decode_unit_eligible(const W4& w) {
+  // 4-aligned code words (16-aligned fp32 absmax), nested blocks of a power of two >= 4, 32-bit unit offsets.
+  const auto scales = reinterpret_cast<uintptr_t>(w.absmax.data_ptr());
+  const int64_t nbs = w.double_quant() ? w.nested_blocksize : 0;
+  return w.blocksize == 64 && w.cols() % 256 == 0 && scales % (w.double_quant() ? 4 : 16) == 0 &&
+         (!w.double_quant() || (nbs >= 4 && (nbs & (nbs - 1)) == 0)) && w.rows() * w.cols() / 64 <= UINT32_MAX &&
+         at::cuda::getCurrentDeviceProperties()->sharedMemPerBlockOptin >= kUnitSmem;
+}
+
 bool gemm_mma(const at::Tensor& x2_in, const W4& w, const c10::optional<at::Tensor>& bias, at::Tensor& y) {
   const int64_t M = x2_in.size(0), N = w.rows(), K = w.cols();
   const auto dt = x2_in.scalar_type();
@@ -487,11 +501,7 @@ bool gemm_mma(const at::Tensor& x2_in, const W4& w, const c10::optional<at::Tens
   at::Tensor b;
   if (bias) b = bias->to(dt).contiguous();
   const W4View v = make_view(w, "gemm_4bit");
-  // decode_unit_kernel: block size 64, K % 256 == 0, 4-aligned code words (16-aligned fp32 absmax), nested blocks of
-  // a power of two >= 4, and 32-bit unit offsets; other weights take the chunk kernel.
-  const auto scales = reinterpret_cast<uintptr_t>(w.absmax.data_ptr());
-  const bool unit = w.blocksize == 64 && K % 256 == 0 && scales % (w.double_quant() ? 4 : 16) == 0 &&
-                    (!w.double_quant() || (w.nested_blocksize >= 4 && v.nested_log2 >= 0)) && N * K / 64 <= UINT32_MAX;
+  const bool unit = decode_unit_eligible(w);
   if (dt == at::kHalf) {
     dispatch<__half>(x2, v, bias ? static_cast<const __half*>(b.data_ptr()) : nullptr, y, M, N, K, unit);
   } else {
