@@ -7,8 +7,8 @@ matmul_4bit and nf4q gemm_4bit over Llama-3 8B/70B layer shapes and token counts
 Columns: µs each (bf16, bnb and nf4q: the best of two timings in rotated order, utils.bench_rotated); nf4q's speedup
 vs bf16 and vs bitsandbytes; per row nf4q's GB/s (packed weight + scales + x + y) as % of the copy ceiling and its
 TFLOP/s (2MNK / t) as % of the bf16 cuBLAS ceiling (utils.BF16_TFLOPS): the ceiling that binds is the larger of the
-two. `mma µs` (M <= 256), `swap µs`, `wgmma µs` and `dequant µs` time nf4q's four paths forced (NF4Q_CUDA_GEMM): the
-measurement behind the dispatch thresholds.
+two. `mma µs` (M <= 256; at M <= 8 gemv.cu's decode kernel where it applies), `swap µs`, `wgmma µs` and `dequant µs`
+time nf4q's four paths forced (NF4Q_CUDA_GEMM): the measurement behind the dispatch thresholds.
 
 --device cpu: dense fp32 and bf16 F.linear, torch's int4 CPU kernel (aten._weight_int4pack_mm_for_cpu, group 64,
 bf16 activations), bitsandbytes matmul_4bit (when its CPU backend loads) and nf4q gemm_4bit (fp32 and bf16
