@@ -60,6 +60,25 @@ __device__ __forceinline__ float block_absmax(const W4View& w, const float* ncod
   return __ldg(static_cast<const float*>(w.absmax) + b);
 }
 
+// A shared-memory address (32-bit, for ld.shared / cp.async / mbarriers) and cp.async (sm_80+).
+__device__ __forceinline__ uint32_t smem_addr(const void* p) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+__device__ __forceinline__ void cp_async16(uint32_t dst, const void* src, bool valid) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(dst), "l"(src), "r"(valid ? 16 : 0));
+}
+// A 4-byte copy (cp.async's .cg form takes 16 bytes only).
+__device__ __forceinline__ void cp_async4(uint32_t dst, const void* src) {
+  asm volatile("cp.async.ca.shared.global [%0], [%1], 4;" ::"r"(dst), "l"(src));
+}
+__device__ __forceinline__ void cp_async_commit() {
+  asm volatile("cp.async.commit_group;" ::: "memory");
+}
+template <int N>
+__device__ __forceinline__ void cp_async_wait() {
+  asm volatile("cp.async.wait_group %0;" ::"n"(N) : "memory");
+}
+
 // Streaming 16-byte load that skips L1 (the weight is read once; keep L1 for the activations).
 __device__ __forceinline__ uint4 ld_stream16(const void* p) {
   uint4 r;

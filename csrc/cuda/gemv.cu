@@ -20,7 +20,6 @@
 // SM, persistent. scripts/emulate_gemv.py checks its index logic in numpy.
 #include <cstdlib>
 #include <cstring>
-#include <type_traits>
 
 #include "common.cuh"
 
@@ -246,9 +245,6 @@ constexpr int kSlot = kUnitStages * (kStepBytes + kStepScaleBytes);
 static_assert(256 * 4 + kUnitWarps * 4 * 32 * 4 <= kSlot, "the nested codes and the reduction buffer fit one slot");
 constexpr int kUnitSmem = kTableBytes + (1 + kUnitWarps) * kSlot + kSlot - 16;
 
-__device__ __forceinline__ uint32_t smem_u32(const void* p) {
-  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
-}
 // A shared-memory load at a 32-bit shared address; volatile so that it stays after the cp.async wait before it.
 template <typename V>
 __device__ __forceinline__ V lds(uint32_t a) {
@@ -264,13 +260,6 @@ __device__ __forceinline__ V lds(uint32_t a) {
   return v;
 }
 
-__device__ __forceinline__ void cp_async(uint32_t dst, const void* src, int bytes4or16) {
-  if (bytes4or16 == 16)
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(dst), "l"(src));
-  else
-    asm volatile("cp.async.ca.shared.global [%0], [%1], 4;" ::"r"(dst), "l"(src));
-}
-
 // The ring's layout: row r's 16-byte chunk c at r * 128 + 16 * (c ^ 2 (r & 3)), so that the 16 lanes of a half warp
 // reading 8 bytes each of rows g = 0..3 (or 4..7) hit 16 distinct bank pairs.
 template <typename T, bool DQ>
@@ -280,7 +269,7 @@ __global__ void __launch_bounds__(kUnitWarps * 32, 1)
   extern __shared__ uint4 smem[];
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32, g = lane / 4, tig = lane % 4;
   // 32-bit shared addresses (ld.shared): a generic pointer into shared memory costs an add per access on sm_90.
-  const uint32_t smem_s = smem_u32(smem), pad = (0u - smem_s) & 0xffffu, table_s = smem_s + pad;
+  const uint32_t smem_s = smem_addr(smem), pad = (0u - smem_s) & 0xffffu, table_s = smem_s + pad;
   auto slot_s = [&](int i) {
     const int below = static_cast<int>(pad) / kSlot;
     return i < below ? smem_s + i * kSlot : table_s + kTableBytes + (i - below) * kSlot;
@@ -330,21 +319,21 @@ __global__ void __launch_bounds__(kUnitWarps * 32, 1)
       for (int i = 0; i < 4; ++i) {
         const int r = r0 + 4 * i;
         const uint32_t e = static_cast<uint32_t>(min(c.tile * 16 + r, N - 1)) * KU + kUnits * grp;
-        cp_async(base + r * 128 + 16 * (cc ^ (2 * r0)), w.packed + 32 * static_cast<uint64_t>(e) + 16 * cc, 16);
+        cp_async16(base + r * 128 + 16 * (cc ^ (2 * r0)), w.packed + 32 * static_cast<uint64_t>(e) + 16 * cc, true);
       }
       const int r = lane % 16;
       const uint32_t e = static_cast<uint32_t>(min(c.tile * 16 + r, N - 1)) * KU + kUnits * grp;
       const uint32_t sdst = base + kStepBytes;
       if constexpr (DQ) {
         if (lane < 16)
-          cp_async(sdst + 4 * r, static_cast<const uint8_t*>(w.absmax) + e, 4);
+          cp_async4(sdst + 4 * r, static_cast<const uint8_t*>(w.absmax) + e);
         else
-          cp_async(sdst + 64 + 4 * r, w.nested_absmax + (e >> w.nested_log2), 4);
+          cp_async4(sdst + 64 + 4 * r, w.nested_absmax + (e >> w.nested_log2));
       } else if (lane < 16) {
-        cp_async(sdst + 16 * r, static_cast<const float*>(w.absmax) + e, 16);
+        cp_async16(sdst + 16 * r, static_cast<const float*>(w.absmax) + e, true);
       }
     }
-    asm volatile("cp.async.commit_group;" ::: "memory");
+    cp_async_commit();
   };
 
   float acc[1][1][4];
@@ -352,7 +341,7 @@ __global__ void __launch_bounds__(kUnitWarps * 32, 1)
   Cursor load{static_cast<int>(blockIdx.x), 0}, cur = load;
   for (int s = 0; s < kUnitStages - 1; ++s) issue(load, s), load.next(KG);
   for (int step = 0; cur.tile < ntiles; ++step) {
-    asm volatile("cp.async.wait_group %0;" ::"n"(kUnitStages - 2) : "memory");
+    cp_async_wait<kUnitStages - 2>();
     __syncwarp();  // every lane's copies of this step landed; every lane is done with the slot refilled next
     issue(load, (step + kUnitStages - 1) % kUnitStages);
     load.next(KG);

@@ -1,5 +1,5 @@
 // Hopper (sm_90a) building blocks shared by the wgmma kernels: TMA tensor maps and bulk loads, mbarriers,
-// cp.async, the 128B-swizzled K-major tile layout and its wgmma shared-memory descriptor.
+// the 128B-swizzled K-major tile layout and its wgmma shared-memory descriptor.
 #pragma once
 #include <cuda.h>
 
@@ -10,20 +10,6 @@ namespace nf4q::cuda {
 #if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
 #define NF4Q_WGMMA 1
 #endif
-
-__device__ __forceinline__ uint32_t smem_addr(const void* p) {
-  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
-}
-__device__ __forceinline__ void cp_async16(uint32_t dst, const void* src, bool valid) {
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(dst), "l"(src), "r"(valid ? 16 : 0));
-}
-__device__ __forceinline__ void cp_async_commit() {
-  asm volatile("cp.async.commit_group;" ::: "memory");
-}
-template <int N>
-__device__ __forceinline__ void cp_async_wait() {
-  asm volatile("cp.async.wait_group %0;" ::"n"(N) : "memory");
-}
 
 __device__ __forceinline__ void mbar_init(uint32_t bar, uint32_t count = 1) {
   asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;" ::"r"(bar), "r"(count));
