@@ -250,7 +250,10 @@ def snapshot_step(model, opt, ids, device, spec):
     bench_train._sync(device)
     baseline, reserved = torch.cuda.memory_allocated(device), torch.cuda.memory_reserved(device)
     torch.cuda.reset_peak_memory_stats(device)
-    torch.cuda.memory._record_memory_history(enabled="all", context="all", stacks="all", max_entries=2_000_000)
+    # context="alloc", not "all": with the stack of every free recorded too, a QLoRA step under non-reentrant
+    # checkpointing died in the recompute with "SystemError: ... returned NULL without setting an exception"
+    # (notes/cuda.md, round 8); the peak analysis reads the allocations' stacks only.
+    torch.cuda.memory._record_memory_history(enabled="all", context="alloc", stacks="all", max_entries=2_000_000)
     try:
         bench_train.train_step(model, opt, ids, mark=lambda: bench_train._phase_marker(device))
         bench_train._sync(device)

@@ -91,6 +91,27 @@ def test_dequantize_4bit_matches_cpu_and_reference(double_quant, blocksize, shap
         assert torch.equal(out.cpu(), want)
 
 
+def test_nested_blocksize_not_a_power_of_two():
+    # The kernels shift by log2(nested_blocksize) when it is a power of two (always, from nf4q and bitsandbytes) and
+    # divide otherwise: a file may carry any positive nested_blocksize.
+    from dataclasses import replace
+    g = torch.Generator().manual_seed(5)
+    w = torch.randn(96, 320, generator=g) * 0.05
+    qw = nf4q.quantize(w, blocksize=64, double_quant=False)
+    table = nf4q.nested_map("fp8_e4m3")
+    offset = qw.absmax.mean().view(1)
+    q2, absmax2 = _ops.quantize_blockwise_8bit(qw.absmax - offset, table, 100)
+    qn = replace(qw, absmax=q2, nested_absmax=absmax2, nested_code=table, nested_offset=offset, nested_blocksize=100)
+    qg = qn.cuda()
+    for dtype in DTYPES:
+        assert torch.equal(qg.dequantize(dtype).cpu(), qn.dequantize(dtype))
+    x = torch.randn(5, 320, generator=g).to(torch.bfloat16)
+    want = x.double() @ qn.dequantize(torch.float64).T
+    for m in (1, 5):
+        got = ops.gemm_4bit(x[:m].cuda(), *qg.op_args(), None)
+        assert rel_err(got.cpu(), want[:m]) < TOL[torch.bfloat16]
+
+
 def test_quantize_on_gpu_equals_cpu_without_double_quant():
     w = torch.randn(300, 515) * 0.02
     a, b = nf4q.quantize(w, double_quant=False), nf4q.quantize(w.cuda(), double_quant=False)

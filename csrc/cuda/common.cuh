@@ -54,8 +54,9 @@ inline W4View make_view(const W4& w, const char* what) {
 __device__ __forceinline__ float block_absmax(const W4View& w, const float* ncode_smem, float offset, uint32_t b) {
   if (w.nested_absmax != nullptr) {
     const uint8_t q = __ldg(static_cast<const uint8_t*>(w.absmax) + b);
-    return __fadd_rn(__fmul_rn(ncode_smem[q], __ldg(w.nested_absmax + b / static_cast<uint32_t>(w.nested_bs))),
-                     offset);
+    // nested blocks are a power of two in practice (256): a shift instead of a 32-bit division
+    const uint32_t nb = w.nested_log2 >= 0 ? b >> w.nested_log2 : b / static_cast<uint32_t>(w.nested_bs);
+    return __fadd_rn(__fmul_rn(ncode_smem[q], __ldg(w.nested_absmax + nb)), offset);
   }
   return __ldg(static_cast<const float*>(w.absmax) + b);
 }
@@ -71,6 +72,15 @@ __device__ __forceinline__ void cp_async16(uint32_t dst, const void* src, bool v
 __device__ __forceinline__ void cp_async4(uint32_t dst, const void* src) {
   asm volatile("cp.async.ca.shared.global [%0], [%1], 4;" ::"r"(dst), "l"(src));
 }
+// The same with an L2 cache policy (createpolicy), e.g. evict_first for bytes read once.
+__device__ __forceinline__ void cp_async16_hint(uint32_t dst, const void* src, uint64_t policy) {
+  asm volatile("cp.async.cg.shared.global.L2::cache_hint [%0], [%1], 16, %2;" ::"r"(dst), "l"(src), "l"(policy));
+}
+__device__ __forceinline__ uint64_t l2_evict_first_policy() {
+  uint64_t policy;
+  asm("createpolicy.fractional.L2::evict_first.b64 %0, 1.0;" : "=l"(policy));
+  return policy;
+}
 __device__ __forceinline__ void cp_async_commit() {
   asm volatile("cp.async.commit_group;" ::: "memory");
 }
@@ -85,6 +95,13 @@ __device__ __forceinline__ uint4 ld_stream16(const void* p) {
   asm("ld.global.nc.L1::no_allocate.v4.u32 {%0,%1,%2,%3}, [%4];"
                : "=r"(r.x), "=r"(r.y), "=r"(r.z), "=r"(r.w)
                : "l"(p));
+  return r;
+}
+
+// A 16-byte read-only load kept in L1 ahead of other lines (evict_last): data every warp rereads.
+__device__ __forceinline__ uint4 ld_keep16(const void* p) {
+  uint4 r;
+  asm("ld.global.nc.L1::evict_last.v4.u32 {%0,%1,%2,%3}, [%4];" : "=r"(r.x), "=r"(r.y), "=r"(r.z), "=r"(r.w) : "l"(p));
   return r;
 }
 

@@ -261,7 +261,9 @@ __device__ __forceinline__ V lds(uint32_t a) {
 }
 
 // The ring's layout: row r's 16-byte chunk c at r * 128 + 16 * (c ^ 2 (r & 3)), so that the 16 lanes of a half warp
-// reading 8 bytes each of rows g = 0..3 (or 4..7) hit 16 distinct bank pairs.
+// reading 8 bytes each of rows g = 0..3 (or 4..7) hit 16 distinct bank pairs. W is copied with L2 evict_first (read
+// once) and x read with L1 evict_last (every warp of every block reads the same few KB; the 4-byte code-word copies
+// would evict it): 2-7% faster on weights of >= 8192 rows or columns, within noise below (notes/cuda.md, round 8).
 template <typename T, bool DQ>
 __global__ void __launch_bounds__(kUnitWarps * 32, 1)
     decode_unit_kernel(const T* __restrict__ x, W4View w, const T* __restrict__ bias, T* __restrict__ y, int M, int N,
@@ -310,6 +312,7 @@ __global__ void __launch_bounds__(kUnitWarps * 32, 1)
   // Lane l copies 16-byte chunk l % 8 of rows l / 8 + {0, 4, 8, 12} and one scale word of row l % 16 (the code word
   // for l < 16, the nested scale otherwise; without double quant the float4 of row l, l < 16). Rows past N read row
   // N - 1 (their scale is zeroed at use); groups past K copy nothing.
+  const uint64_t policy = l2_evict_first_policy();
   auto issue = [&](Cursor c, int slot) {
     const int grp = c.jb + warp;
     if (c.tile < ntiles && grp < KG) {
@@ -319,7 +322,8 @@ __global__ void __launch_bounds__(kUnitWarps * 32, 1)
       for (int i = 0; i < 4; ++i) {
         const int r = r0 + 4 * i;
         const uint32_t e = static_cast<uint32_t>(min(c.tile * 16 + r, N - 1)) * KU + kUnits * grp;
-        cp_async16(base + r * 128 + 16 * (cc ^ (2 * r0)), w.packed + 32 * static_cast<uint64_t>(e) + 16 * cc, true);
+        cp_async16_hint(base + r * 128 + 16 * (cc ^ (2 * r0)), w.packed + 32 * static_cast<uint64_t>(e) + 16 * cc,
+                        policy);
       }
       const int r = lane % 16;
       const uint32_t e = static_cast<uint32_t>(min(c.tile * 16 + r, N - 1)) * KU + kUnits * grp;
@@ -362,8 +366,7 @@ __global__ void __launch_bounds__(kUnitWarps * 32, 1)
         float part[4] = {0.f, 0.f, 0.f, 0.f};
         // This unit's x: elements 16t + 4s .. + 3 for mma s (the k order inside an mma is free as long as A and B
         // agree: bytes 2s, 2s + 1 of the thread's 8 bytes are the same elements).
-        const uint4 xv[2] = {__ldg(reinterpret_cast<const uint4*>(xr + 64 * u)),
-                             __ldg(reinterpret_cast<const uint4*>(xr + 64 * u) + 1)};
+        const uint4 xv[2] = {ld_keep16(xr + 64 * u), ld_keep16(xr + 64 * u + 8)};
 #pragma unroll
         for (int s = 0; s < 4; ++s) {
           const uint2 b = s % 2 ? make_uint2(xv[s / 2].z, xv[s / 2].w) : make_uint2(xv[s / 2].x, xv[s / 2].y);
