@@ -49,14 +49,18 @@ inline W4View make_view(const W4& w, const char* what) {
   return v;
 }
 
+// The nested scale index of absmax block b: a shift when nested blocks are a power of two (256 whenever nf4q or
+// bitsandbytes wrote them), a 32-bit division otherwise.
+__device__ __forceinline__ uint32_t nested_block(const W4View& w, uint32_t b) {
+  return w.nested_log2 >= 0 ? b >> w.nested_log2 : b / static_cast<uint32_t>(w.nested_bs);
+}
+
 // fp32 absmax of block b. The double-quantized form uses round-to-nearest multiply then add, never a fused
 // multiply-add, so that it is bit-identical to the CPU kernels (x86 without FMA) and to _reference.py.
 __device__ __forceinline__ float block_absmax(const W4View& w, const float* ncode_smem, float offset, uint32_t b) {
   if (w.nested_absmax != nullptr) {
     const uint8_t q = __ldg(static_cast<const uint8_t*>(w.absmax) + b);
-    // nested blocks are a power of two in practice (256): a shift instead of a 32-bit division
-    const uint32_t nb = w.nested_log2 >= 0 ? b >> w.nested_log2 : b / static_cast<uint32_t>(w.nested_bs);
-    return __fadd_rn(__fmul_rn(ncode_smem[q], __ldg(w.nested_absmax + nb)), offset);
+    return __fadd_rn(__fmul_rn(ncode_smem[q], __ldg(w.nested_absmax + nested_block(w, b))), offset);
   }
   return __ldg(static_cast<const float*>(w.absmax) + b);
 }

@@ -135,8 +135,6 @@ __global__ void __launch_bounds__(kWarps * 32)
   __syncthreads();
   const uint32_t lane_off = 4 * lane;  // this lane's copy of the table
   const float offset = DQ ? __ldg(w.nested_offset) : 0.f;
-  // nested blocks are 256 absmax values in practice: a shift instead of an integer division
-  const int nbs_log2 = (w.nested_bs & (w.nested_bs - 1)) == 0 ? __ffs(w.nested_bs) - 1 : -1;
   const int m0 = blockIdx.y * 8 * NT;
   const int KC = K / 32;  // 32-k chunks per row
   const int ntiles = (N + 16 * RT - 1) / (16 * RT);
@@ -170,7 +168,7 @@ __global__ void __launch_bounds__(kWarps * 32)
             const uint32_t blk = static_cast<uint32_t>(e >> w.log2_bs);
             if (DQ) {
               st.q[u][rt][h] = __ldg(static_cast<const uint8_t*>(w.absmax) + blk);
-              st.s[u][rt][h] = __ldg(w.nested_absmax + (nbs_log2 >= 0 ? blk >> nbs_log2 : blk / w.nested_bs));
+              st.s[u][rt][h] = __ldg(w.nested_absmax + nested_block(w, blk));
             } else {
               st.s[u][rt][h] = __ldg(static_cast<const float*>(w.absmax) + blk);
             }
