@@ -11,13 +11,15 @@ namespace nf4q::cuda {
 namespace {
 
 // Largest M for the mma.sync kernels (NF4Q_CUDA_GEMM overrides). gemv.cu's decode kernel (block size 64, K % 256 == 0,
-// Hopper's shared memory) takes M = 1 and, on weights of at most kDecodeMaxNK elements, M <= 8; bench_linear on the
-// H200, decode vs swapped kernel, us: M = 1 28672x8192 61.1 vs 68.0, 8192x28672 60.1 vs 66.1, 8192x8192 24.9 vs
-// 27.7, 4096x4096 12.2 vs 14.8; M = 4 4096x4096 12.7 vs 15.0, 1024x8192 11.6 vs 13.2, 8192x8192 28.7 vs 27.8,
-// 28672x8192 75.8 vs 68.1. Where the decode kernel does not apply, the swapped kernel takes M > 1, and M = 1 where W
-// has at least kSwapDecodeMinN rows (mma chunk kernel vs swapped at M = 1: 28672x8192 80.0 vs 67.9, 4096x14336 24.1
-// vs 25.9, 4096x4096 13.5 vs 15.1).
-constexpr int64_t kMmaMaxM = 8, kSwapDecodeMinN = 8192, kDecodeMaxNK = int64_t{4096} * 4096;
+// Hopper's shared memory) takes M <= kDecodeAnyM and, on weights of at most kDecodeMaxNK elements, M <= 8; bench_linear
+// on the H200, decode vs swapped kernel, us: M = 1 28672x8192 61.1 vs 68.0, 8192x28672 60.1 vs 66.1, 8192x8192 24.9
+// vs 27.7, 4096x4096 12.2 vs 14.8; M = 4 4096x4096 12.7 vs 15.0, 1024x8192 11.6 vs 13.2, 8192x8192 28.7 vs 27.8,
+// 28672x8192 75.8 vs 68.1. M = 2, decode (A/B run, notes/cuda.md round 9) vs the swapped kernel at M = 4 in the
+// README's run (its time is flat from M = 1 to 16): 28672x8192 63.4 vs 68.3, 8192x28672 58.9 vs 66.2, 8192x8192 24.9
+// vs 27.8, 14336x4096 23.4 vs 26.0, 4096x14336 22.3 vs 25.7. Where the decode kernel does not apply, the swapped
+// kernel takes M > 1, and M = 1 where W has at least kSwapDecodeMinN rows (mma chunk kernel vs swapped at M = 1:
+// 28672x8192 80.0 vs 67.9, 4096x14336 24.1 vs 25.9, 4096x4096 13.5 vs 15.1).
+constexpr int64_t kMmaMaxM = 8, kSwapDecodeMinN = 8192, kDecodeAnyM = 2, kDecodeMaxNK = int64_t{4096} * 4096;
 // The x-as-A wgmma kernel: backward, and forward where the swapped one does not apply (block size 32), chosen
 // automatically for M <= 256 when its 128 x 128 tiles half-fill the GPU or more;
 // elsewhere dequantized slabs + cuBLAS won on the H200 (scratch measurements in notes/cuda.md: at M = 4096 the
@@ -75,7 +77,8 @@ at::Tensor gemm_2d(const at::Tensor& x2, const W4& w, const c10::optional<at::Te
     return y;
   }
   const auto path = forced_gemm_path();
-  if (path == GemmPath::kAuto && M <= kMmaMaxM && (M == 1 || N * K <= kDecodeMaxNK) && decode_unit_eligible(w)) {
+  if (path == GemmPath::kAuto && M <= kMmaMaxM && (M <= kDecodeAnyM || N * K <= kDecodeMaxNK) &&
+      decode_unit_eligible(w)) {
     auto y = at::empty({M, N}, x2.options().dtype(dt));
     if (gemm_mma(x2, w, bias, y)) return y;
   }
