@@ -23,7 +23,7 @@ step() {  # name, seconds, command...: run with a time limit, log to $OUT/name.l
   timeout "$limit" "$@" > "$OUT/$name.log" 2>&1; echo "== $name: exit $? after $SECONDS s"; tail -n "${TAIL:-3}" "$OUT/$name.log"
 }
 # STAGES picks what runs after the build (default: all, in this order).
-STAGES=${STAGES:-"tests memory_table bench_qlora bench_dequant bench_linear bench_train bench_multilora"}
+STAGES=${STAGES:-"tests memory_table bench_qlora bench_dequant bench_linear bench_train bench_multilora bench_generate"}
 for stage in $STAGES; do
   case $stage in
     tests) step tests ${TEST_LIMIT:-300} python3 -m pytest -q -p no:cacheprovider ${TESTS:-tests/test_bad_input.py \
@@ -36,6 +36,7 @@ for stage in $STAGES; do
     bench_linear) TAIL=40 step bench_linear ${LINEAR_LIMIT:-200} python3 -m benchmarks.bench_linear ${LINEAR_ARGS:-} ;;
     bench_train) TAIL=40 step bench_train ${TRAIN_LIMIT:-400} python3 -m benchmarks.bench_train ${TRAIN_ARGS:-} ;;
     bench_multilora) TAIL=20 step bench_multilora ${MULTILORA_LIMIT:-120} python3 -m benchmarks.bench_multilora ;;
+    bench_generate) TAIL=12 step bench_generate ${GENERATE_LIMIT:-300} python3 -m benchmarks.bench_generate ;;
     compiler) TAIL=40 step compiler 120 env CC= CXX="${IMAGE_CXX:-c++}" bash scripts/check_compiler.sh ;;
     build_check) TAIL=60 step build_check ${BUILD_CHECK_LIMIT:-300} env CC="$IMAGE_CC" CXX="$IMAGE_CXX" \
                    python3 scripts/build_error_check.py ;;
