@@ -82,7 +82,8 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Runs bench_quant, bench_linear, bench_qlora and bench_optim (those present) on "
                                    "the available device and prints a markdown table with hardware and versions.")
     p.add_argument("names", nargs="*", metavar="NAME", help="benchmarks by short name, e.g. `nf4q bench train` "
-                                                            "(end-to-end QLoRA training, not run by default)")
+                                                            "(end-to-end QLoRA training) or `nf4q bench generate` "
+                                                            "(greedy decoding): not run by default")
     p.add_argument("--csv", metavar="FILE", help="also write the rows as CSV")
     p.add_argument("--only", nargs="+", metavar="NAME", choices=BENCHMARKS, help="run only these")
     p.add_argument("--quick", action="store_true", help="pass --quick to the benchmarks that have it")

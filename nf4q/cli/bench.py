@@ -5,8 +5,10 @@ from pathlib import Path
 
 from ._common import EXIT_OK, CliError, _print_table
 
-BENCHMARKS = ("bench_quant", "bench_dequant", "bench_linear", "bench_qlora", "bench_optim", "bench_train")
-ON_REQUEST = ("bench_train",)  # minutes of end-to-end training: runs when named (`nf4q bench train`)
+BENCHMARKS = ("bench_quant", "bench_dequant", "bench_linear", "bench_qlora", "bench_optim", "bench_train",
+              "bench_generate")
+# minutes of end-to-end training or decoding of an 8B-shaped model: run when named (`nf4q bench train`)
+ON_REQUEST = ("bench_train", "bench_generate")
 
 
 def _environment() -> dict:
