@@ -17,7 +17,7 @@ import warnings
 
 import torch
 
-from benchmarks.bench_train import SHAPES, _bnb, _bnb_quantize_layer, config
+from benchmarks.bench_train import SHAPES, _bnb, _bnb_quantize_layer, _sync, config
 from benchmarks.memory_table import build_llama
 
 STACKS = ("bf16", "nf4q", "bnb")
@@ -25,14 +25,9 @@ STACKS = ("bf16", "nf4q", "bnb")
 
 def build(stack, shape, layers, device, seed=0):
     cfg = {**config(shape, layers), "use_cache": True}
+    quantize = _bnb_quantize_layer(_bnb(device)) if stack == "bnb" else stack == "nf4q"
     torch.manual_seed(seed)  # the same weights for every stack
-    quantize = {"bf16": False, "nf4q": True, "bnb": lambda: _bnb_quantize_layer(_bnb(device))}[stack]
-    return build_llama(cfg, device, torch.bfloat16, quantize=quantize() if callable(quantize) else quantize).eval()
-
-
-def _sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+    return build_llama(cfg, device, torch.bfloat16, quantize=quantize).eval()
 
 
 @torch.no_grad()
