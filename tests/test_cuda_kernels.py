@@ -177,9 +177,9 @@ def test_decode_unit_kernel_edges(M, dq, monkeypatch):
         check_gemm(M, dtype, 37, 256, 64, dq, noncontig=False, with_bias=not dq, seed=M + 7)
 
 
-@pytest.mark.parametrize("M,N,K", [(1, 8200, 512), (2, 8200, 2304), (5, 1000, 1024)])
+@pytest.mark.parametrize("M,N,K", [(1, 8200, 512), (2, 8200, 2304), (3, 8200, 2304), (5, 1000, 1024)])
 def test_gemm_4bit_automatic_decode_path(M, N, K):
-    """The automatic choice of gemm.cu for decode (M <= 2 at any N, M <= 8 on small weights: the decode kernel on a
+    """The automatic choice of gemm.cu for decode (M <= 3 at any N, M <= 8 on small weights: the decode kernel on a
     GPU with Hopper's shared memory, another path elsewhere) against the reference, fp16 and bf16, with a bias."""
     for dtype in (torch.float16, torch.bfloat16):
         check_gemm(M, dtype, N, K, 64, True, noncontig=False, with_bias=True, seed=M)

@@ -1,6 +1,6 @@
-// CUDA gemm_4bit and gemm_4bit_dx: dispatch between the mma.sync small-M kernels (gemv.cu: its decode kernel for M = 1,
-// and M <= 8 on small weights, wherever that kernel applies; its chunk kernel for M <= 8 where nothing else does), the
-// swapped wgmma kernel for M <= 2048 (swap_gemm.cu, sm_90a), the x-as-A wgmma kernel (fused_gemm.cu: backward, and
+// CUDA gemm_4bit and gemm_4bit_dx: dispatch between the mma.sync small-M kernels (gemv.cu: its decode kernel for M <=
+// 3, and M <= 8 on small weights, wherever that kernel applies; its chunk kernel for M <= 8 where nothing else does),
+// the swapped wgmma kernel for M <= 2048 (swap_gemm.cu, sm_90a), the x-as-A wgmma kernel (fused_gemm.cu: backward, and
 // forward where the swapped one does not apply) and, above that or where none applies (odd shapes, fp32, other GPUs),
 // cuBLAS on dequantized slabs of W (measurements in notes/cuda.md).
 #include <torch/library.h>
@@ -11,15 +11,15 @@ namespace nf4q::cuda {
 namespace {
 
 // Largest M for the mma.sync kernels (NF4Q_CUDA_GEMM overrides). gemv.cu's decode kernel (block size 64, K % 256 == 0,
-// Hopper's shared memory) takes M <= kDecodeAnyM and, on weights of at most kDecodeMaxNK elements, M <= 8; bench_linear
-// on the H200, decode vs swapped kernel, us: M = 1 28672x8192 61.1 vs 68.0, 8192x28672 60.1 vs 66.1, 8192x8192 24.9
-// vs 27.7, 4096x4096 12.2 vs 14.8; M = 4 4096x4096 12.7 vs 15.0, 1024x8192 11.6 vs 13.2, 8192x8192 28.7 vs 27.8,
-// 28672x8192 75.8 vs 68.1. M = 2, decode (A/B run, notes/cuda.md round 9) vs the swapped kernel at M = 4 in the
-// README's run (its time is flat from M = 1 to 16): 28672x8192 63.4 vs 68.3, 8192x28672 58.9 vs 66.2, 8192x8192 24.9
-// vs 27.8, 14336x4096 23.4 vs 26.0, 4096x14336 22.3 vs 25.7. Where the decode kernel does not apply, the swapped
-// kernel takes M > 1, and M = 1 where W has at least kSwapDecodeMinN rows (mma chunk kernel vs swapped at M = 1:
-// 28672x8192 80.0 vs 67.9, 4096x14336 24.1 vs 25.9, 4096x4096 13.5 vs 15.1).
-constexpr int64_t kMmaMaxM = 8, kSwapDecodeMinN = 8192, kDecodeAnyM = 2, kDecodeMaxNK = int64_t{4096} * 4096;
+// Hopper's shared memory) takes M <= kDecodeAnyM and, on weights of at most kDecodeMaxNK elements, M <= 8. bench_linear
+// on the H200 (notes/cuda.md round 10), its forced columns in one run, decode vs swapped kernel, us: M = 2 28672x8192
+// 63.7 vs 67.9, 8192x28672 59.2 vs 66.2, 8192x8192 26.0 vs 27.8, 14336x4096 22.8 vs 26.0, 4096x14336 22.5 vs 25.9;
+// M = 3 66.9 vs 67.9, 64.7 vs 66.2, 26.6 vs 27.8, 24.3 vs 26.4, 23.5 vs 26.0; M = 4 73.1 vs 68.1 and 69.8 vs 66.7 on
+// the two largest (the x reads grow with M; L1 keeps ~30 KB beside the ring), 4096x4096 12.4 vs 15.4, 1024x8192
+// 11.3 vs 13.4. Where the decode kernel does not apply, the swapped kernel takes M > 1, and M = 1 where W has at
+// least kSwapDecodeMinN rows (mma chunk kernel vs swapped at M = 1: 28672x8192 80.0 vs 67.9, 4096x14336 24.1 vs
+// 25.9, 4096x4096 13.5 vs 15.1).
+constexpr int64_t kMmaMaxM = 8, kSwapDecodeMinN = 8192, kDecodeAnyM = 3, kDecodeMaxNK = int64_t{4096} * 4096;
 // The x-as-A wgmma kernel: backward, and forward where the swapped one does not apply (block size 32), chosen
 // automatically for M <= 256 when its 128 x 128 tiles half-fill the GPU or more;
 // elsewhere dequantized slabs + cuBLAS won on the H200 (scratch measurements in notes/cuda.md: at M = 4096 the
