@@ -160,6 +160,22 @@ __device__ __forceinline__ uint32_t hmul2(uint32_t p, uint32_t s) {
   return *reinterpret_cast<uint32_t*>(&r);
 }
 
+// Fills the byte -> T2 lookup table of the fused kernels: entry e = (code[e >> 4], code[e & 15]) replicated 32 times
+// (one 4-byte copy per lane) at table + e * stride + 4 c. A warp's 16-byte stores cover 4 entries x 128 contiguous
+// bytes (4 wavefronts); a store per entry per thread put all 32 lanes on the same 4 banks (32 wavefronts per store,
+// ~1 us of every launch on the H200, notes/cuda.md round 10).
+template <typename T, int kThreads>
+__device__ __forceinline__ void fill_pair_table(uint8_t* table, int stride, const float* __restrict__ code, int tid) {
+  constexpr int kChunks = 8;  // 16-byte chunks of an entry's 32 copies
+  static_assert(256 * kChunks % kThreads == 0, "every thread stores the same number of chunks");
+#pragma unroll
+  for (int i = 0; i < 256 * kChunks / kThreads; ++i) {
+    const int c = i * kThreads + tid, e = c / kChunks;
+    const uint32_t v = Cvt<T>::pack(__ldg(code + (e >> 4)), __ldg(code + (e & 15)));
+    *reinterpret_cast<uint4*>(table + e * stride + 16 * (c % kChunks)) = make_uint4(v, v, v, v);
+  }
+}
+
 // at::ScalarType -> CUDA element type.
 template <typename F>
 void dispatch_float_types(at::ScalarType t, const char* what, F&& f) {

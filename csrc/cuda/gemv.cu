@@ -126,12 +126,8 @@ __global__ void __launch_bounds__(kWarps * 32)
   float* ncode = reinterpret_cast<float*>(table + 256 * 32);
   float(*red)[RT * NT * 4][32] = reinterpret_cast<float(*)[RT * NT * 4][32]>(ncode + 256);
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32, g = lane / 4, tig = lane % 4;
-  {
-    const uint32_t v = Cvt<T>::pack(__ldg(w.code + (tid >> 4)), __ldg(w.code + (tid & 15)));
-#pragma unroll
-    for (int i = 0; i < 8; ++i) smem[tid * 8 + i] = make_uint4(v, v, v, v);  // 32 copies of entry tid
-    if (DQ) ncode[tid] = __ldg(w.nested_code + tid);
-  }
+  fill_pair_table<T, kWarps * 32>(reinterpret_cast<uint8_t*>(smem), 128, w.code, tid);
+  if (DQ) ncode[tid] = __ldg(w.nested_code + tid);
   __syncthreads();
   const uint32_t lane_off = 4 * lane;  // this lane's copy of the table
   const float offset = DQ ? __ldg(w.nested_offset) : 0.f;
@@ -278,13 +274,8 @@ __global__ void __launch_bounds__(kUnitWarps * 32, 1)
   const uint32_t ncode_s = slot_s(0), ring_s = slot_s(1 + warp);
   float* ncode = reinterpret_cast<float*>(generic(ncode_s));
   float(*red)[4][32] = reinterpret_cast<float(*)[4][32]>(ncode + 256);
-  if (tid < 256) {
-    const uint32_t v = Cvt<T>::pack(__ldg(w.code + (tid >> 4)), __ldg(w.code + (tid & 15)));
-    uint4* dst = reinterpret_cast<uint4*>(generic(table_s) + tid * 256);
-#pragma unroll
-    for (int i = 0; i < 8; ++i) dst[i] = make_uint4(v, v, v, v);  // 32 copies of entry tid
-    if (DQ) ncode[tid] = __ldg(w.nested_code + tid);
-  }
+  fill_pair_table<T, kUnitWarps * 32>(generic(table_s), 256, w.code, tid);
+  if (DQ && tid < 256) ncode[tid] = __ldg(w.nested_code + tid);
   __syncthreads();
   const uint32_t lane_b = table_s | 4 * lane;
   // The pair of byte j of word, from this lane's copy: PRMT (sel 0x76j4) gives table + (byte << 8) + 4 lane.

@@ -160,13 +160,9 @@ __global__ void __launch_bounds__(kThreads, ctas_per_sm<TN>())
   const uint32_t bars = smem_addr(ncode + 256), empty = bars + 8 * (S + 1);
 
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, g = lane >> 2, tig = lane & 3;
-  {
-    const uint32_t v = Cvt<T>::pack(__ldg(w.code + (tid >> 4)), __ldg(w.code + (tid & 15)));
-    uint4* dst = reinterpret_cast<uint4*>(lut + tid * (256 >> kShift));
-#pragma unroll
-    for (int i = 0; i < kCopies / 4; ++i) dst[i] = make_uint4(v, v, v, v);
-    if (DQ) ncode[tid] = __ldg(w.nested_code + tid);
-  }
+  static_assert(kCopies == 32, "fill_pair_table writes 32 copies");
+  fill_pair_table<T, kThreads>(lut, 256 >> kShift, w.code, tid);
+  if (DQ) ncode[tid] = __ldg(w.nested_code + tid);
   if (tid == 0) {
     for (int s = 0; s <= S; ++s) mbar_init(bars + 8 * s);  // full: TMA bytes landed (and the LoRA steps' one)
     for (int s = 0; s < S; ++s) mbar_init(empty + 8 * s, kThreads / 32);  // empty: every warp is done with it
