@@ -17,17 +17,24 @@ import warnings
 
 import torch
 
+import nf4q
 from benchmarks.bench_train import SHAPES, _bnb, _bnb_quantize_layer, _sync, config
 from benchmarks.memory_table import build_llama
 
 STACKS = ("bf16", "nf4q", "bnb")
+# nf4q-ungrouped: nf4q with every projection its own launch (nf4q.group_projections(model, siblings=())), to
+# measure what grouping q/k/v and gate/up gives; asked for by name.
+EXTRA_STACKS = ("nf4q-ungrouped",)
 
 
 def build(stack, shape, layers, device, seed=0):
     cfg = {**config(shape, layers), "use_cache": True}
-    quantize = _bnb_quantize_layer(_bnb(device)) if stack == "bnb" else stack == "nf4q"
+    quantize = _bnb_quantize_layer(_bnb(device)) if stack == "bnb" else stack.startswith("nf4q")
     torch.manual_seed(seed)  # the same weights for every stack
-    return build_llama(cfg, device, torch.bfloat16, quantize=quantize).eval()
+    model = build_llama(cfg, device, torch.bfloat16, quantize=quantize).eval()
+    if stack == "nf4q-ungrouped":
+        nf4q.group_projections(model, siblings=())
+    return model
 
 
 @torch.no_grad()
@@ -107,7 +114,7 @@ def main(argv=None):
     ap.add_argument("--prompt", type=int, default=128, help="prompt tokens (default 128)")
     ap.add_argument("--tokens", type=int, default=64, help="generated tokens per run (default 64)")
     ap.add_argument("--repeats", type=int, default=5, help="graph runs, the median kept (default 5)")
-    ap.add_argument("--stacks", nargs="+", default=list(STACKS), choices=STACKS)
+    ap.add_argument("--stacks", nargs="+", default=list(STACKS), choices=STACKS + EXTRA_STACKS)
     ap.add_argument("--quick", action="store_true", help="8 layers, batch 1, 16 tokens, 3 graph runs")
     ap.add_argument("--device", default="cuda", help=argparse.SUPPRESS)  # tests: cpu (eager only)
     args = ap.parse_args(argv)

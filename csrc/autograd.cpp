@@ -13,7 +13,6 @@ namespace {
 
 using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
-using OptT = c10::optional<at::Tensor>;
 
 // ---- typed handles of the ops called below autograd --------------------------------------------------------
 #define NF4Q_W4_TYPES                                                                                       \

@@ -31,6 +31,13 @@ TORCH_LIBRARY(nf4q, m) {
   // ---- fused dequant + matmul ----------------------------------------------------------------------
   // y[..., N] = x[..., K] @ dequant(W)^T + bias
   m.def("gemm_4bit(Tensor x, " W4 ", Tensor? bias) -> Tensor");
+  // ys[i] = x @ dequant(W_i)^T + bias[i] for 1-3 weights of one K that read the same x (sibling projections: q, k
+  // and v; gate and up), each with its own codes, scales and out_features, the code and nested_code tables shared.
+  // For inference (no autograd formula). CUDA: one decode-kernel launch where that kernel takes every weight
+  // (M <= 3 rows in practice), bit for bit gemm_4bit's result; else, and on CPU, one gemm_4bit per weight.
+  m.def("gemm_4bit_group(Tensor x, Tensor[] packed, Tensor[] absmax, Tensor?[] nested_absmax, Tensor? nested_code, "
+        "Tensor?[] nested_offset, Tensor code, int blocksize, int nested_blocksize, int[] out_features, "
+        "Tensor?[] bias) -> Tensor[]");
   // dx[..., K] = grad[..., N] @ dequant(W)   (the input gradient of gemm_4bit)
   m.def("gemm_4bit_dx(Tensor grad, " W4 ") -> Tensor");
 

@@ -1,6 +1,7 @@
 // The quantized-weight argument group ("W4" in nf4q.cpp) as one checked struct, for every backend.
 #pragma once
 #include <ATen/ATen.h>
+#include <ATen/core/List.h>
 #include <c10/util/Optional.h>
 
 #include <vector>
@@ -8,6 +9,9 @@
 #include "checks.h"
 
 namespace nf4q {
+
+using OptT = c10::optional<at::Tensor>;
+using OptList = c10::List<c10::optional<at::Tensor>>;  // a Tensor?[] argument
 
 struct W4 {
   at::Tensor packed, absmax, code;
@@ -77,5 +81,14 @@ inline void check_matmul(const at::Tensor& x, const W4& w, int64_t inner, const 
   TORCH_CHECK_VALUE(x.device() == w.packed.device(), "nf4q: ", what, ": input and weight must be on one device");
   check_io_dtype(x.scalar_type(), what, "input");
 }
+
+// gemm_4bit_group's arguments (csrc/gemm_group.cpp): one W4 per weight, each checked as gemm_4bit checks its own
+// (its shape [out_features[i], x.size(-1)]; the shared code and nested_code belong to every weight), and the bias list.
+std::vector<W4> make_w4_group(const at::Tensor& x, at::TensorList packed, at::TensorList absmax,
+                              const OptList& nested_absmax, const OptT& nested_code, const OptList& nested_offset,
+                              const at::Tensor& code, int64_t blocksize, int64_t nested_blocksize,
+                              at::IntArrayRef out_features, const OptList& bias);
+// gemm_4bit_group as one gemm_4bit call per weight (through the dispatcher: any backend).
+std::vector<at::Tensor> gemm_4bit_each(const at::Tensor& x, const std::vector<W4>& ws, const OptList& bias);
 
 }  // namespace nf4q

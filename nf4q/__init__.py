@@ -8,6 +8,7 @@ from . import (
 )
 from .checkpoint import load_quantized, save_quantized
 from .codebook import dynamic_map, fp8_e4m3_map, nested_map, nf4_code
+from .grouping import group_projections
 from .linear import Linear4bit, quantize_model
 from .loading import from_pretrained
 from .tensor import FormatError, NF4Weight, dequantize, quantize
@@ -16,7 +17,7 @@ __version__ = "0.1.0"
 
 __all__ = ["NF4Weight", "FormatError", "Linear4bit", "quantize", "dequantize", "quantize_model", "nf4_code",
            "nested_map", "fp8_e4m3_map", "dynamic_map", "has_cuda_kernels", "load_quantized", "save_quantized",
-           "from_pretrained"]
+           "from_pretrained", "group_projections"]
 
 
 def has_cuda_kernels() -> bool:

@@ -46,6 +46,12 @@ def _(x, packed, absmax, nested_absmax, nested_code, nested_offset, code, blocks
     return x.new_empty((*x.shape[:-1], shape[0]))
 
 
+@torch.library.register_fake("nf4q::gemm_4bit_group")
+def _(x, packed, absmax, nested_absmax, nested_code, nested_offset, code, blocksize, nested_blocksize, out_features,
+      bias):
+    return [x.new_empty((*x.shape[:-1], n)) for n in out_features]
+
+
 @torch.library.register_fake("nf4q::gemm_4bit_dx")
 def _(grad, packed, absmax, nested_absmax, nested_code, nested_offset, code, blocksize, nested_blocksize, shape):
     return grad.new_empty((*grad.shape[:-1], shape[1]))
@@ -102,6 +108,15 @@ def dequantize_blockwise_8bit(q, absmax, code, blocksize: int, dtype: torch.dtyp
 
 def gemm_4bit(x: torch.Tensor, *w4, bias=None) -> torch.Tensor:
     return ops.gemm_4bit(x, *w4, bias)
+
+
+def gemm_4bit_group(x: torch.Tensor, w4s, biases) -> list:
+    """[x @ dequant(W)^T + b for each W4 argument group of w4s and bias b], the first group's code and nested_code
+    tables standing for every weight's (the caller keeps them equal); shapes [out_features, x.shape[-1]]."""
+    nested_code, code, blocksize, nested_blocksize = w4s[0][3], w4s[0][5], w4s[0][6], w4s[0][7]
+    return ops.gemm_4bit_group(x, [w[0] for w in w4s], [w[1] for w in w4s], [w[2] for w in w4s], nested_code,
+                               [w[4] for w in w4s], code, blocksize, nested_blocksize, [w[8][0] for w in w4s],
+                               list(biases))
 
 
 def lora_gemm_4bit(x, *w4, bias=None, lora_A, lora_B, scale: float, dropout_p: float = 0.0, seed: int = 0):

@@ -69,6 +69,12 @@ def gemm_4bit(x, *w4, bias=None):
     return y + bias.double() if bias is not None else y
 
 
+def gemm_4bit_group(x, w4s, biases):
+    """fp64 oracle of gemm_4bit_group: every weight decoded with the first one's code and nested_code."""
+    shared = {3: w4s[0][3], 5: w4s[0][5]}
+    return [gemm_4bit(x, *[shared.get(i, a) for i, a in enumerate(w4)], bias=b) for w4, b in zip(w4s, biases)]
+
+
 def gemm_4bit_dx(grad, *w4):
     return grad.double() @ dequantize_4bit(*w4, torch.float64)
 

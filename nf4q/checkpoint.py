@@ -16,6 +16,7 @@ from typing import Iterable, Optional, Union
 import torch
 from torch import nn
 
+from .grouping import group_projections
 from .linear import Linear4bit, quantize_model
 from .tensor import _DTYPES, QS_KEY, FormatError, NF4Weight, _dtype_name
 
@@ -264,6 +265,7 @@ def load_quantized(path: Union[str, Path], device=None, compute_dtype=None) -> n
     if still_meta:
         raise FormatError(f"{path}: the checkpoint lacks {still_meta[:5]}{' ...' if len(still_meta) > 5 else ''}")
     model.eval()
+    group_projections(model)
     return model.to(device) if device is not None else model
 
 

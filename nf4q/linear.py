@@ -4,6 +4,7 @@ import torch
 from torch import nn
 
 from . import _ops
+from .grouping import group_projections
 from .naming import matches
 from .tensor import NF4Weight, quantize
 
@@ -29,6 +30,8 @@ class Linear4bit(nn.Module):
     `weight.quant_state.bitsandbytes__nf4`), so checkpoints move both ways between nf4q and bitsandbytes.
     The input is cast to `compute_dtype` when one is set; the output has the input's dtype.
     """
+
+    _projection_group = None  # (ProjectionGroup, index) once nf4q.group_projections grouped this layer
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, compute_dtype=None,
                  blocksize: int = 64, double_quant: bool = True, nested_map="fp8_e4m3", device=None, dtype=None):
@@ -91,6 +94,11 @@ class Linear4bit(nn.Module):
         return dtype, bias, (x if x.dtype == dtype else x.to(dtype))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._projection_group is not None and not torch.compiler.is_compiling():
+            group, index = self._projection_group
+            y = group.output(index, x)
+            if y is not None:
+                return y
         _, bias, xc = self._bias_and_input(x)
         y = _ops.gemm_4bit(xc, *self._w4(), bias=bias)
         return y if y.dtype == x.dtype else y.to(x.dtype)
@@ -182,10 +190,11 @@ class Linear4bit(nn.Module):
 
 
 def quantize_model(model: nn.Module, skip=("lm_head",), progress: bool = True, compute_dtype=None,
-                   blocksize: int = 64, double_quant: bool = True, nested_map="fp8_e4m3") -> nn.Module:
+                   blocksize: int = 64, double_quant: bool = True, nested_map="fp8_e4m3",
+                   group: bool = True) -> nn.Module:
     """Replace every nn.Linear of `model` (in place) by a Linear4bit, except the modules `skip` selects
     (nf4q.naming.matches: a list of names or dotted name suffixes, or one regex matching the whole name).
-    Returns the model."""
+    `group`: also nf4q.group_projections(model) (q/k/v and gate/up decode in one launch each). Returns the model."""
     from tqdm.auto import tqdm
 
     targets = [(name, m) for name, m in model.named_modules()
@@ -195,4 +204,6 @@ def quantize_model(model: nn.Module, skip=("lm_head",), progress: bool = True, c
         parent = model.get_submodule(parent_name) if parent_name else model
         setattr(parent, child, Linear4bit.from_linear(linear, compute_dtype=compute_dtype, blocksize=blocksize,
                                                       double_quant=double_quant, nested_map=nested_map))
+    if group:
+        group_projections(model)
     return model

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from .checkpoint import _DTYPES, _model_class, _offline, _params_on_meta, load_quantized
+from .grouping import group_projections
 from .linear import Linear4bit
 from .naming import matches
 from .tensor import FormatError, quantize
@@ -146,6 +147,7 @@ def from_pretrained(path_or_dir: Union[str, Path], device="cuda", compute_dtype=
                     loaded.add(name)
                     bar.update(1)
     _tie_and_finish(model, path, linears, device, compute_dtype, blocksize, double_quant)
+    group_projections(model)
     return model
 
 

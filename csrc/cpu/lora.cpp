@@ -10,7 +10,6 @@
 namespace nf4q::cpu {
 namespace {
 
-using OptT = c10::optional<at::Tensor>;
 
 std::vector<int64_t> with_last(const at::Tensor& x, int64_t last) {
   auto sizes = x.sizes().vec();

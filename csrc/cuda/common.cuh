@@ -210,6 +210,11 @@ bool gemm_mma(const at::Tensor& x2, const W4& w, const c10::optional<at::Tensor>
 // Whether gemm_mma takes its decode kernel (M <= 8) for this weight: block size 64, K % 256 == 0, aligned scales and
 // enough shared memory (227 KB: Hopper; other GPUs keep the chunk kernel).
 bool decode_unit_eligible(const W4& w);
+// ys[s] = x2 @ dequant(ws[s])^T (+ biases[s]) for 2-3 weights of one K in one launch of the decode kernel (their code
+// tables are the caller's to keep equal: the first weight's are used), bit for bit what gemm_mma gives each alone.
+// Returns false (doing nothing) unless that kernel takes every weight: decode_unit_eligible, M <= 8, fp16/bf16.
+bool gemm_mma_group(const at::Tensor& x2, const std::vector<W4>& ws,
+                    const std::vector<c10::optional<at::Tensor>>& biases, std::vector<at::Tensor>& ys);
 
 // Small- and mid-M fused path (swap_gemm.cu, wgmma on sm_90a): y[M, N] = x2[M, K] @ dequant(W)^T (+ bias) as
 // W . x2^T with W dequantized in registers as wgmma's A operand. Returns false (doing nothing) when the inputs do

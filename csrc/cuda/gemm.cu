@@ -45,6 +45,36 @@ at::Tensor gemm_4bit(const at::Tensor& x, NF4Q_W4_PARAMS, const c10::optional<at
   return y.to(x.scalar_type()).view(with_last(x, N));
 }
 
+// Whether gemm_2d sends an [M, N x K] product to gemv.cu's decode kernel (if decode_unit_eligible).
+bool takes_decode_kernel(GemmPath path, int64_t M, int64_t N, int64_t K) {
+  return path == GemmPath::kAuto && M >= 1 && M <= kMmaMaxM && (M <= kDecodeAnyM || N * K <= kDecodeMaxNK);
+}
+
+// One decode-kernel launch for the whole group where gemm_2d would send every weight alone to that kernel (so the
+// results are the same bits), else one gemm_4bit per weight.
+std::vector<at::Tensor> gemm_4bit_group(const at::Tensor& x, at::TensorList packed, at::TensorList absmax,
+                                        const OptList& nested_absmax, const OptT& nested_code,
+                                        const OptList& nested_offset, const at::Tensor& code, int64_t blocksize,
+                                        int64_t nested_blocksize, at::IntArrayRef out_features, const OptList& bias) {
+  const auto ws = make_w4_group(x, packed, absmax, nested_absmax, nested_code, nested_offset, code, blocksize,
+                                nested_blocksize, out_features, bias);
+  TORCH_CHECK_VALUE(x.is_cuda(), "nf4q: gemm_4bit_group: x must be a CUDA tensor");
+  const int64_t K = x.size(-1), M = K == 0 ? 0 : x.numel() / K;
+  const auto path = forced_gemm_path();
+  bool one_launch = ws.size() > 1;
+  for (const auto& w : ws) one_launch = one_launch && takes_decode_kernel(path, M, w.rows(), K);
+  if (one_launch) {
+    c10::cuda::CUDAGuard guard(x.device());
+    std::vector<c10::optional<at::Tensor>> b(bias.begin(), bias.end());
+    std::vector<at::Tensor> ys;
+    if (gemm_mma_group(x.reshape({-1, K}), ws, b, ys)) {
+      for (auto& y : ys) y = y.view(with_last(x, y.size(1)));
+      return ys;
+    }
+  }
+  return gemm_4bit_each(x, ws, bias);
+}
+
 at::Tensor gemm_4bit_dx(const at::Tensor& grad, NF4Q_W4_PARAMS) {
   const auto w = make_w4(NF4Q_W4_ARGS);
   const int64_t N = w.rows(), K = w.cols();
@@ -77,8 +107,7 @@ at::Tensor gemm_2d(const at::Tensor& x2, const W4& w, const c10::optional<at::Te
     return y;
   }
   const auto path = forced_gemm_path();
-  if (path == GemmPath::kAuto && M <= kMmaMaxM && (M <= kDecodeAnyM || N * K <= kDecodeMaxNK) &&
-      decode_unit_eligible(w)) {
+  if (takes_decode_kernel(path, M, N, K) && decode_unit_eligible(w)) {
     auto y = at::empty({M, N}, x2.options().dtype(dt));
     if (gemm_mma(x2, w, bias, y)) return y;
   }
@@ -147,6 +176,7 @@ void gemm_slabs(const at::Tensor& act, const W4& w, bool transposed, at::Tensor&
 TORCH_LIBRARY_IMPL(nf4q, CUDA, m) {
   m.impl("gemm_4bit", &gemm_4bit);
   m.impl("gemm_4bit_dx", &gemm_4bit_dx);
+  m.impl("gemm_4bit_group", &gemm_4bit_group);
 }
 
 }  // namespace nf4q::cuda

@@ -17,7 +17,8 @@
 // its own cp.async ring (4 stages: three steps in flight, no registers held), and thread t takes bytes 8t..8t+7 of
 // each unit, so the 16 k slots of an mma lie in one block and its scale multiplies the fp32 product (4 FFMA per unit
 // instead of 32 HMUL2); a lookup is one PRMT (whose result is the shared address) + one LDS; one block of 16 warps per
-// SM, persistent. scripts/emulate_gemv.py checks its index logic in numpy.
+// SM, persistent. scripts/emulate_gemv.py checks its index logic in numpy. One launch may cover up to three weights
+// of one K that read the same x (q, k and v; gate and up): their tiles numbered one after another, one table.
 #include <cstdlib>
 #include <cstring>
 
@@ -258,10 +259,39 @@ __device__ __forceinline__ V lds(uint32_t a) {
 // reading 8 bytes each of rows g = 0..3 (or 4..7) hit 16 distinct bank pairs. W is copied with L2 evict_first (read
 // once) and x read with L1 evict_last (every warp of every block reads the same few KB; the 4-byte code-word copies
 // would evict it): 2-7% faster on weights of >= 8192 rows or columns, within noise below (notes/cuda.md, round 8).
-template <typename T, bool DQ>
+// The weights of one decode_unit_kernel launch: G <= kMaxGroup of one K, each with its own codes, scales, bias, output
+// and N; the code and nested-code tables shared (the caller's contract). Their tiles of 16 rows are numbered one
+// weight after another: weight s owns tiles first[s] .. first[s + 1] - 1; first[G] is the total.
+constexpr int kMaxGroup = 3;
+template <typename T>
+struct DecodeWeights {
+  const uint8_t* packed[kMaxGroup];
+  const void* absmax[kMaxGroup];
+  const float* nested_absmax[kMaxGroup];
+  const float* nested_offset[kMaxGroup];
+  const T* bias[kMaxGroup];
+  T* y[kMaxGroup];
+  int n[kMaxGroup];
+  int first[kMaxGroup + 1];
+  const float* code;
+  const float* nested_code;
+  int nested_log2;
+};
+
+// a[s] for a weight index s < G: by selects for G <= 2, else an indexed load from the (__grid_constant__) parameter
+// space. Measured on the H200 (notes/cuda.md, round 11): selects ~3% faster for two weights, loads 4-8% for three.
+template <int G, typename V, int L>
+__device__ __forceinline__ V pick(const V (&a)[L], int s) {
+  if constexpr (G > 2) {
+    return a[s];
+  } else {
+    return G == 2 && s == 1 ? a[1] : a[0];
+  }
+}
+
+template <typename T, bool DQ, int G>
 __global__ void __launch_bounds__(kUnitWarps * 32, 1)
-    decode_unit_kernel(const T* __restrict__ x, W4View w, const T* __restrict__ bias, T* __restrict__ y, int M, int N,
-                       int K) {
+    decode_unit_kernel(const T* __restrict__ x, const __grid_constant__ DecodeWeights<T> d, int M, int K) {
   extern __shared__ uint4 smem[];
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32, g = lane / 4, tig = lane % 4;
   // 32-bit shared addresses (ld.shared): a generic pointer into shared memory costs an add per access on sm_90.
@@ -274,8 +304,8 @@ __global__ void __launch_bounds__(kUnitWarps * 32, 1)
   const uint32_t ncode_s = slot_s(0), ring_s = slot_s(1 + warp);
   float* ncode = reinterpret_cast<float*>(generic(ncode_s));
   float(*red)[4][32] = reinterpret_cast<float(*)[4][32]>(ncode + 256);
-  fill_pair_table<T, kUnitWarps * 32>(generic(table_s), 256, w.code, tid);
-  if (DQ && tid < 256) ncode[tid] = __ldg(w.nested_code + tid);
+  fill_pair_table<T, kUnitWarps * 32>(generic(table_s), 256, d.code, tid);
+  if (DQ && tid < 256) ncode[tid] = __ldg(d.nested_code + tid);
   __syncthreads();
   const uint32_t lane_b = table_s | 4 * lane;
   // The pair of byte j of word, from this lane's copy: PRMT (sel 0x76j4) gives table + (byte << 8) + 4 lane.
@@ -284,18 +314,38 @@ __global__ void __launch_bounds__(kUnitWarps * 32, 1)
     asm("prmt.b32 %0, %1, %2, %3;" : "=r"(off) : "r"(word), "r"(lane_b), "r"(sel));
     return lds<uint32_t>(off);
   };
-  const float offset = DQ ? __ldg(w.nested_offset) : 0.f;
+  float offsets[kMaxGroup] = {0.f, 0.f, 0.f};
+  if constexpr (DQ)
+#pragma unroll
+    for (int s = 0; s < G; ++s) offsets[s] = __ldg(d.nested_offset[s]);
   const int KU = K / 64, KG = KU / kUnits;  // units and groups of kUnits units per row
-  const int ntiles = (N + 15) / 16;
+  const int ntiles = d.first[G];
+  // The weight a tile belongs to: G - 1 compares.
+  auto member = [&](int tile) {
+    int s = 0;
+#pragma unroll
+    for (int i = 1; i < G; ++i) s += tile >= d.first[i];
+    return s;
+  };
 
   // A step: warp w's group jb + w of kUnits units of the tile's 16 rows. Steps run tile by tile (a persistent block's
   // tiles blockIdx.x, + gridDim.x, ...), jb by kUnitWarps; the load cursor runs kUnitStages - 1 steps ahead of the
   // compute cursor.
+  // A cursor also keeps its tile's weight s, first row row0 in it and the rows left from there (set on entering a
+  // tile, so that a step only selects the weight's pointers).
   struct Cursor {
-    int tile, jb;
-    __device__ void next(int KG) {
-      jb += kUnitWarps;
-      if (jb >= KG) jb = 0, tile += gridDim.x;
+    int tile, jb, s, row0, rows;
+  };
+  auto enter = [&](Cursor& c) {
+    c.s = member(c.tile);
+    c.row0 = (c.tile - pick<G>(d.first, c.s)) * 16;
+    c.rows = pick<G>(d.n, c.s) - c.row0;
+  };
+  auto next = [&](Cursor& c) {
+    c.jb += kUnitWarps;
+    if (c.jb >= KG) {
+      c.jb = 0, c.tile += gridDim.x;
+      enter(c);
     }
   };
   // Lane l copies 16-byte chunk l % 8 of rows l / 8 + {0, 4, 8, 12} and one scale word of row l % 16 (the code word
@@ -307,23 +357,25 @@ __global__ void __launch_bounds__(kUnitWarps * 32, 1)
     if (c.tile < ntiles && grp < KG) {
       const uint32_t base = ring_s + slot * (kStepBytes + kStepScaleBytes);
       const int cc = lane % 8, r0 = lane / 8;
+      const uint8_t* packed = pick<G>(d.packed, c.s);
 #pragma unroll
       for (int i = 0; i < 4; ++i) {
         const int r = r0 + 4 * i;
-        const uint32_t e = static_cast<uint32_t>(min(c.tile * 16 + r, N - 1)) * KU + kUnits * grp;
-        cp_async16_hint(base + r * 128 + 16 * (cc ^ (2 * r0)), w.packed + 32 * static_cast<uint64_t>(e) + 16 * cc,
+        const uint32_t e = static_cast<uint32_t>(c.row0 + min(r, c.rows - 1)) * KU + kUnits * grp;
+        cp_async16_hint(base + r * 128 + 16 * (cc ^ (2 * r0)), packed + 32 * static_cast<uint64_t>(e) + 16 * cc,
                         policy);
       }
       const int r = lane % 16;
-      const uint32_t e = static_cast<uint32_t>(min(c.tile * 16 + r, N - 1)) * KU + kUnits * grp;
+      const uint32_t e = static_cast<uint32_t>(c.row0 + min(r, c.rows - 1)) * KU + kUnits * grp;
       const uint32_t sdst = base + kStepBytes;
+      const void* absmax = pick<G>(d.absmax, c.s);
       if constexpr (DQ) {
         if (lane < 16)
-          cp_async4(sdst + 4 * r, static_cast<const uint8_t*>(w.absmax) + e);
+          cp_async4(sdst + 4 * r, static_cast<const uint8_t*>(absmax) + e);
         else
-          cp_async4(sdst + 64 + 4 * r, w.nested_absmax + (e >> w.nested_log2));
+          cp_async4(sdst + 64 + 4 * r, pick<G>(d.nested_absmax, c.s) + (e >> d.nested_log2));
       } else if (lane < 16) {
-        cp_async16(sdst + 16 * r, static_cast<const float*>(w.absmax) + e, true);
+        cp_async16(sdst + 16 * r, static_cast<const float*>(absmax) + e, true);
       }
     }
     cp_async_commit();
@@ -331,20 +383,25 @@ __global__ void __launch_bounds__(kUnitWarps * 32, 1)
 
   float acc[1][1][4];
   zero_tiles(acc);
-  Cursor load{static_cast<int>(blockIdx.x), 0}, cur = load;
-  for (int s = 0; s < kUnitStages - 1; ++s) issue(load, s), load.next(KG);
+  Cursor load{static_cast<int>(blockIdx.x), 0};
+  enter(load);
+  Cursor cur = load;
+  for (int s = 0; s < kUnitStages - 1; ++s) issue(load, s), next(load);
   for (int step = 0; cur.tile < ntiles; ++step) {
     cp_async_wait<kUnitStages - 2>();
     __syncwarp();  // every lane's copies of this step landed; every lane is done with the slot refilled next
     issue(load, (step + kUnitStages - 1) % kUnitStages);
-    load.next(KG);
+    next(load);
     const int grp = cur.jb + warp;
     if (grp < KG) {
       const uint32_t st = ring_s + (step % kUnitStages) * (kStepBytes + kStepScaleBytes);
       const int sw = 4 * (g & 3);
+      float offset = offsets[0];  // selects: an indexed register array would live in local memory
+#pragma unroll
+      for (int i = 1; i < G; ++i) offset = cur.s == i ? offsets[i] : offset;
       uint32_t ok = 0;  // bit h: row g + 8 h is inside W
 #pragma unroll
-      for (int h = 0; h < 2; ++h) ok |= uint32_t{cur.tile * 16 + g + 8 * h < N} << h;
+      for (int h = 0; h < 2; ++h) ok |= uint32_t{g + 8 * h < cur.rows} << h;
       // Tokens past M read token M - 1: they only feed output columns that are never stored.
       const T* xr = x + static_cast<int64_t>(min(g, M - 1)) * K + 64 * kUnits * grp + 16 * tig;
 #pragma unroll
@@ -383,9 +440,10 @@ __global__ void __launch_bounds__(kUnitWarps * 32, 1)
       }
     }
     const Cursor done = cur;
-    cur.next(KG);
+    next(cur);
     if (cur.jb == 0) {  // the tile is done
-      store_tile<T, 1, 1, kUnitWarps>(red, acc, done.tile * 16, 0, N, M, bias, y);
+      store_tile<T, 1, 1, kUnitWarps>(red, acc, done.row0, 0, pick<G>(d.n, done.s), M, pick<G>(d.bias, done.s),
+                                      pick<G>(d.y, done.s));
       zero_tiles(acc);
     }
   }
@@ -413,14 +471,40 @@ void launch_one(const at::Tensor& x2, const W4View& v, const T* bias, at::Tensor
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-template <typename T, bool DQ>
-void launch_unit(const at::Tensor& x2, const W4View& v, const T* bias, at::Tensor& y, int M, int N, int K) {
-  static const int per_sm = resident_blocks(decode_unit_kernel<T, DQ>, kUnitSmem, kUnitWarps * 32);
+// Weight s of a decode launch: its tiles follow weight s - 1's. The slots after the last weight repeat it with no
+// tiles of their own.
+template <typename T>
+void set_weight(DecodeWeights<T>& d, int s, const W4View& v, const T* bias, at::Tensor& y, int N) {
+  const int first = s == 0 ? 0 : d.first[s];
+  for (int i = s; i < kMaxGroup; ++i) {
+    d.packed[i] = v.packed;
+    d.absmax[i] = v.absmax;
+    d.nested_absmax[i] = v.nested_absmax;
+    d.nested_offset[i] = v.nested_offset;
+    d.bias[i] = bias;
+    d.y[i] = static_cast<T*>(y.data_ptr());
+    d.n[i] = N;
+    d.first[i + 1] = first + static_cast<int>(ceil_div(N, 16));
+  }
+  d.first[s] = first;
+  d.code = v.code;
+  d.nested_code = v.nested_code;
+  d.nested_log2 = v.nested_log2;
+}
+
+template <typename T, bool DQ, int G>
+void launch_unit(const at::Tensor& x2, const DecodeWeights<T>& d, int M, int K) {
+  static const int per_sm = resident_blocks(decode_unit_kernel<T, DQ, G>, kUnitSmem, kUnitWarps * 32);
   const int sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
-  const dim3 grid(static_cast<unsigned>(std::min<int64_t>(ceil_div(N, 16), per_sm * sms)), 1);
-  decode_unit_kernel<T, DQ><<<grid, kUnitWarps * 32, kUnitSmem, at::cuda::getCurrentCUDAStream()>>>(
-      static_cast<const T*>(x2.data_ptr()), v, bias, static_cast<T*>(y.data_ptr()), M, N, K);
+  const dim3 grid(static_cast<unsigned>(std::min(d.first[G], per_sm * sms)), 1);
+  decode_unit_kernel<T, DQ, G><<<grid, kUnitWarps * 32, kUnitSmem, at::cuda::getCurrentCUDAStream()>>>(
+      static_cast<const T*>(x2.data_ptr()), d, M, K);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+template <typename T, int G>
+void launch_unit(const at::Tensor& x2, const DecodeWeights<T>& d, bool double_quant, int M, int K) {
+  double_quant ? launch_unit<T, true, G>(x2, d, M, K) : launch_unit<T, false, G>(x2, d, M, K);
 }
 
 template <typename T, int NT, int RT>
@@ -438,8 +522,9 @@ void dispatch(const at::Tensor& x2, const W4View& v, const T* bias, at::Tensor& 
   const int sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
   const bool two = ceil_div(N, 32) >= 2 * sms;
   if (M <= 8 && unit) {
-    v.nested_absmax != nullptr ? launch_unit<T, true>(x2, v, bias, y, M, N, K)
-                               : launch_unit<T, false>(x2, v, bias, y, M, N, K);
+    DecodeWeights<T> d;
+    set_weight(d, 0, v, bias, y, N);
+    launch_unit<T, 1>(x2, d, v.nested_absmax != nullptr, M, K);
   } else if (M <= 8) {
     two ? launch<T, 1, 2>(x2, v, bias, y, M, N, K) : launch<T, 1, 1>(x2, v, bias, y, M, N, K);
   } else if (M <= 16) {
@@ -488,6 +573,43 @@ bool gemm_mma(const at::Tensor& x2_in, const W4& w, const c10::optional<at::Tens
   } else {
     dispatch<__nv_bfloat16>(x2, v, bias ? static_cast<const __nv_bfloat16*>(b.data_ptr()) : nullptr, y, M, N, K, unit);
   }
+  return true;
+}
+
+template <typename T>
+void launch_group(const at::Tensor& x2, const std::vector<W4>& ws, const std::vector<at::Tensor>& biases,
+                  std::vector<at::Tensor>& ys) {
+  DecodeWeights<T> d;
+  for (size_t s = 0; s < ws.size(); ++s) {
+    const T* bias = biases[s].defined() ? static_cast<const T*>(biases[s].data_ptr()) : nullptr;
+    set_weight(d, static_cast<int>(s), make_view(ws[s], "gemm_4bit_group"), bias, ys[s], ws[s].rows());
+  }
+  // Two weights get their own instantiation (pick: one select), three the indexed loads.
+  ws.size() == 2 ? launch_unit<T, 2>(x2, d, ws[0].double_quant(), x2.size(0), x2.size(1))
+                 : launch_unit<T, kMaxGroup>(x2, d, ws[0].double_quant(), x2.size(0), x2.size(1));
+}
+
+bool gemm_mma_group(const at::Tensor& x2_in, const std::vector<W4>& ws,
+                    const std::vector<c10::optional<at::Tensor>>& biases, std::vector<at::Tensor>& ys) {
+  const auto dt = x2_in.scalar_type();
+  const int64_t M = x2_in.size(0), K = x2_in.size(1);
+  if (ws.size() < 2 || ws.size() > kMaxGroup || (dt != at::kHalf && dt != at::kBFloat16)) return false;
+  if (M == 0 || M > 8 || M * K > INT32_MAX * int64_t{32}) return false;
+  int64_t tiles = 0;
+  for (const auto& w : ws) {
+    if (w.rows() == 0 || w.cols() != K || w.double_quant() != ws[0].double_quant() || !decode_unit_eligible(w) ||
+        !aligned16(w.packed.data_ptr()))
+      return false;
+    tiles += ceil_div(w.rows(), 16);
+  }
+  if (tiles > INT32_MAX) return false;
+  const auto x2 = contiguous_aligned16(x2_in);
+  std::vector<at::Tensor> b(ws.size());
+  for (size_t s = 0; s < ws.size(); ++s) {
+    ys.push_back(at::empty({M, ws[s].rows()}, x2.options()));
+    if (biases[s]) b[s] = biases[s]->to(dt).contiguous();
+  }
+  dt == at::kHalf ? launch_group<__half>(x2, ws, b, ys) : launch_group<__nv_bfloat16>(x2, ws, b, ys);
   return true;
 }
 
