@@ -238,6 +238,23 @@ def test_quantize_model_groups_a_llama_and_decodes_the_same(on_cpu):
     assert len(on_cpu) == 4 * 6  # every generated token after the prompt: 2 groups x 2 layers
 
 
+def groups(model):
+    return {id(m._projection_group[0]) for m in model.modules() if getattr(m, "_projection_group", None)}
+
+
+def test_every_loader_groups(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2)
+    transformers.LlamaForCausalLM(cfg).save_pretrained(tmp_path / "m")
+    loaded = nf4q.from_pretrained(tmp_path / "m", device="cpu", progress=False)
+    assert len(groups(loaded)) == 4
+    nf4q.save_quantized(loaded, tmp_path / "q", progress=False)
+    assert len(groups(nf4q.load_quantized(tmp_path / "q"))) == 4
+    model = transformers.LlamaForCausalLM(cfg)
+    assert len(groups(nf4q.quantize_model(model, progress=False, group=False))) == 0
+
+
 # ---- the one-launch CUDA kernel ----------------------------------------------------------------------------------
 
 @cuda
