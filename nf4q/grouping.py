@@ -4,8 +4,8 @@ an attention; gate and up of an MLP) computed together when decoding (up to 8 ro
 The first member called computes every member's output with nf4q::gemm_4bit_group (one launch of the decode kernel
 instead of three, bit for bit the same outputs) and keeps the others' outputs; a sibling called next with the same
 tensor (identity and version) takes its own. Anything else (a sibling called with another input, or not called
-before the next computation, as in cross-attention) turns the group off for good, so grouping never computes an
-output twice. notes/cuda.md (round 11) has the measurements."""
+before the next computation, as in cross-attention) turns the group off for good, so a group wastes at most one
+computation of its siblings' outputs. notes/cuda.md (round 11) has the measurements."""
 import torch
 
 from . import _ops
@@ -16,7 +16,7 @@ except ImportError:  # a torch without distributed
     DTensor = ()
 
 # Child names whose modules read one input in the models of transformers (Llama, Mistral, Qwen, Gemma, Phi-3's MLP,
-# BERT, Mixtral's experts). A group holds at most three (the kernel's limit).
+# BERT, Mixtral's experts before transformers 5). A group holds at most three (the kernel's limit).
 SIBLINGS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"), ("query", "key", "value"), ("w1", "w3"))
 MAX_ROWS = 8  # the decode kernel's largest M
 DEVICES = ("cuda",)  # where grouping pays (on CPU gemm_4bit_group is one gemm_4bit per weight; tests add "cpu")
@@ -67,7 +67,7 @@ class ProjectionGroup:
 
     # (Module attributes through _parameters and tensor ints: this runs on every decoding call, ~2 us in all.)
     def _eligible(self, x):
-        if x.numel() > MAX_ROWS * x.shape[-1] or x.is_inference() or x.device.type not in DEVICES:
+        if x.dim() == 0 or x.numel() > MAX_ROWS * x.shape[-1] or x.is_inference() or x.device.type not in DEVICES:
             return False  # (an inference tensor has no version counter to tell an in-place change)
         if self._needs_autograd(x):
             return False

@@ -133,6 +133,8 @@ def test_grouped_forward_is_one_call_and_equal(on_cpu):
             before = len(on_cpu)
             assert torch.equal(grouped(x), plain(x))
             assert len(on_cpu) == before + 1  # q, k and v in one call
+        with pytest.raises(ValueError, match="last dim"):  # gemm_4bit's own error, not one of the group's
+            grouped.q_proj(torch.tensor(1.0))
         x = torch.randn(9, 128)  # more rows than the decode kernel takes: each layer alone
         before = len(on_cpu)
         assert torch.equal(grouped(x), plain(x)) and len(on_cpu) == before
