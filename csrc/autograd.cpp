@@ -6,7 +6,7 @@
 #include <torch/csrc/autograd/custom_function.h>
 #include <torch/library.h>
 
-#include "w4.h"
+#include "op_handles.h"
 
 namespace nf4q {
 namespace {
@@ -14,23 +14,7 @@ namespace {
 using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
 
-// ---- typed handles of the ops called below autograd --------------------------------------------------------
-#define NF4Q_W4_TYPES                                                                                       \
-  const at::Tensor&, const at::Tensor&, const OptT&, const OptT&, const OptT&, const at::Tensor&, int64_t, \
-      int64_t, c10::IntArrayRef
-
-const auto& gemm_op() {
-  static const auto op = c10::Dispatcher::singleton()
-                             .findSchemaOrThrow("nf4q::gemm_4bit", "")
-                             .typed<at::Tensor(const at::Tensor&, NF4Q_W4_TYPES, const OptT&)>();
-  return op;
-}
-const auto& gemm_dx_op() {
-  static const auto op = c10::Dispatcher::singleton()
-                             .findSchemaOrThrow("nf4q::gemm_4bit_dx", "")
-                             .typed<at::Tensor(const at::Tensor&, NF4Q_W4_TYPES)>();
-  return op;
-}
+// ---- typed handles of the ops called below autograd (gemm_op and gemm_dx_op: op_handles.h) -----------------
 const auto& lora_op() {
   static const auto op =
       c10::Dispatcher::singleton()

@@ -1,9 +1,8 @@
 // gemm_4bit_group on every backend: its arguments checked and split into one W4 per weight, and the product as one
 // gemm_4bit call per weight (CPU; CUDA where its one-launch decode kernel does not take the group, csrc/cuda/gemm.cu).
-#include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/library.h>
 
-#include "w4.h"
+#include "op_handles.h"
 
 namespace nf4q {
 
@@ -35,16 +34,11 @@ std::vector<W4> make_w4_group(const at::Tensor& x, at::TensorList packed, at::Te
 }
 
 std::vector<at::Tensor> gemm_4bit_each(const at::Tensor& x, const std::vector<W4>& ws, const OptList& bias) {
-  static const auto op = c10::Dispatcher::singleton()
-                             .findSchemaOrThrow("nf4q::gemm_4bit", "")
-                             .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, const OptT&,
-                                               const OptT&, const OptT&, const at::Tensor&, int64_t, int64_t,
-                                               c10::IntArrayRef, const OptT&)>();
   std::vector<at::Tensor> ys;
   for (size_t i = 0; i < ws.size(); ++i) {
     const auto& w = ws[i];
-    ys.push_back(op.call(x, w.packed, w.absmax, w.nested_absmax, w.nested_code, w.nested_offset, w.code, w.blocksize,
-                         w.nested_blocksize, w.shape, bias.get(i)));
+    ys.push_back(gemm_op().call(x, w.packed, w.absmax, w.nested_absmax, w.nested_code, w.nested_offset, w.code,
+                                w.blocksize, w.nested_blocksize, w.shape, bias.get(i)));
   }
   return ys;
 }

@@ -5,6 +5,7 @@
 #include <torch/library.h>
 
 #include "../common/dropout.h"
+#include "../op_handles.h"
 #include "kernels.h"
 
 namespace nf4q::cpu {
@@ -36,23 +37,6 @@ at::Tensor dropped_fp32(const at::Tensor& x2, double p, int64_t seed) {
     dropout_inplace(t, p, seed);
   }
   return t;
-}
-
-const auto& gemm_op() {
-  static const auto op = c10::Dispatcher::singleton()
-                             .findSchemaOrThrow("nf4q::gemm_4bit", "")
-                             .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, const OptT&,
-                                               const OptT&, const OptT&, const at::Tensor&, int64_t, int64_t,
-                                               c10::IntArrayRef, const OptT&)>();
-  return op;
-}
-const auto& gemm_dx_op() {
-  static const auto op = c10::Dispatcher::singleton()
-                             .findSchemaOrThrow("nf4q::gemm_4bit_dx", "")
-                             .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, const OptT&,
-                                               const OptT&, const OptT&, const at::Tensor&, int64_t, int64_t,
-                                               c10::IntArrayRef)>();
-  return op;
 }
 
 // dx [M, K] in fp32 = g W + drop'(s (g B) A), given u = g B.
