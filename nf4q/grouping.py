@@ -97,11 +97,8 @@ class ProjectionGroup:
         return equal
 
     def _compute(self, x):
-        dtype = self.members[0].compute_dtype or x.dtype
-        xc = x if x.dtype == dtype else x.to(dtype)
-        biases = [b if b is None or b.dtype == dtype else b.to(dtype)
-                  for b in (m._parameters.get("bias") for m in self.members)]
-        ys = _ops.gemm_4bit_group(xc, [m._w4() for m in self.members], biases)
+        dtype, _, xc = self.members[0]._bias_and_input(x)
+        ys = _ops.gemm_4bit_group(xc, [m._w4() for m in self.members], [m._bias_in(dtype) for m in self.members])
         return [y if y.dtype == x.dtype else y.to(x.dtype) for y in ys]
 
 

@@ -88,10 +88,12 @@ class Linear4bit(nn.Module):
     def _bias_and_input(self, x):
         """(compute dtype, bias, x) in the compute dtype, with no .to() call when nothing changes (~2 µs each)."""
         dtype = self.compute_dtype or x.dtype
+        return dtype, self._bias_in(dtype), (x if x.dtype == dtype else x.to(dtype))
+
+    def _bias_in(self, dtype):
+        """The bias (or None) in `dtype`."""
         bias = self.bias
-        if bias is not None and bias.dtype != dtype:
-            bias = bias.to(dtype)
-        return dtype, bias, (x if x.dtype == dtype else x.to(dtype))
+        return bias if bias is None or bias.dtype == dtype else bias.to(dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self._projection_group is not None and not torch.compiler.is_compiling():
