@@ -1,11 +1,12 @@
 """Sibling projections in one kernel launch: Linear4bit layers of one module that read the same input (q, k and v of
-an attention; gate and up of an MLP) computed together when decoding (up to 8 rows, CUDA, no autograd).
+an attention; gate and up of an MLP) computed together when decoding (up to 64 rows, CUDA, no autograd).
 
-The first member called computes every member's output with nf4q::gemm_4bit_group (one launch of the decode kernel
-instead of three, bit for bit the same outputs) and keeps the others' outputs; a sibling called next with the same
-tensor (identity and version) takes its own. Anything else (a sibling called with another input, or not called
-before the next computation, as in cross-attention) turns the group off for good, so a group wastes at most one
-computation of its siblings' outputs. notes/cuda.md (round 11) has the measurements."""
+The first member called computes every member's output with nf4q::gemm_4bit_group (one launch of the decode kernel,
+up to 8 rows, or of the swapped wgmma kernel, 9-64 rows, instead of three; bit for bit the same outputs) and keeps
+the others' outputs; a sibling called next with the same tensor (identity and version) takes its own. Anything else
+(a sibling called with another input, or not called before the next computation, as in cross-attention) turns the
+group off for good, so a group wastes at most one computation of its siblings' outputs. notes/cuda.md (rounds 11
+and 12) has the measurements."""
 import torch
 
 from . import _ops
@@ -18,7 +19,7 @@ except ImportError:  # a torch without distributed
 # Child names whose modules read one input in the models of transformers (Llama, Mistral, Qwen, Gemma, Phi-3's MLP,
 # BERT, Mixtral's experts before transformers 5). A group holds at most three (the kernel's limit).
 SIBLINGS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"), ("query", "key", "value"), ("w1", "w3"))
-MAX_ROWS = 8  # the decode kernel's largest M
+MAX_ROWS = 64  # the grouped kernels' largest M (the swapped kernel's 64-token tile)
 DEVICES = ("cuda",)  # where grouping pays (on CPU gemm_4bit_group is one gemm_4bit per weight; tests add "cpu")
 _TABLES = ("weight_code", "weight_nested_code")
 

@@ -66,16 +66,17 @@ def step_count(instructions):
 
 
 def budget(so):
-    """{(dtype, tokens per tile, double quant): step_count()}, {} without the tool or the cubin."""
+    """{(dtype, tokens per tile, double quant, weights per launch): step_count()}, {} without the tool or the
+    cubin."""
     tool = find_cuobjdump()
     if tool is None:
         return {}
     result = {}
     for name, ins in kernels(so, tool).items():
-        m = re.search(r"swap_gemm_kernelI(13__nv_bfloat16|6__half)Li(\d+)ELb([01])E", name)
+        m = re.search(r"swap_gemm_kernelI(13__nv_bfloat16|6__half)Li(\d+)ELb([01])ELi(\d)E", name)
         if m:
             dtype = "bf16" if "bfloat16" in m.group(1) else "fp16"
-            result[(dtype, int(m.group(2)), m.group(3) == "1")] = step_count(ins)
+            result[(dtype, int(m.group(2)), m.group(3) == "1", int(m.group(4)))] = step_count(ins)
     return result
 
 
@@ -88,8 +89,8 @@ def main():
     counts = budget(so)
     if not counts:
         sys.exit(f"no cuobjdump, or no {CUBIN} in {so} (built without CUDA or without sm_90a)")
-    for (dtype, tn, dq), (n, serialized) in sorted(counts.items()):
-        print(f"swap_gemm_kernel {dtype} TN={tn:3d} double_quant={int(dq)}: {n:g} instructions per step"
+    for (dtype, tn, dq, g), (n, serialized) in sorted(counts.items()):
+        print(f"swap_gemm_kernel {dtype} TN={tn:3d} double_quant={int(dq)} weights={g}: {n:g} instructions per step"
               + (", wgmma serialized" if serialized else ""))
 
 

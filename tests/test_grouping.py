@@ -128,14 +128,14 @@ def test_group_projections_finds_siblings():
 def test_grouped_forward_is_one_call_and_equal(on_cpu):
     grouped, plain = grouped_and_plain(Attention())
     with torch.no_grad():
-        for rows in (1, 3, 8):
+        for rows in (1, 3, 8, 9, 64):
             x = torch.randn(rows, 128)
             before = len(on_cpu)
             assert torch.equal(grouped(x), plain(x))
             assert len(on_cpu) == before + 1  # q, k and v in one call
         with pytest.raises(ValueError, match="last dim"):  # gemm_4bit's own error, not one of the group's
             grouped.q_proj(torch.tensor(1.0))
-        x = torch.randn(9, 128)  # more rows than the decode kernel takes: each layer alone
+        x = torch.randn(65, 128)  # more rows than the grouped kernels take: each layer alone
         before = len(on_cpu)
         assert torch.equal(grouped(x), plain(x)) and len(on_cpu) == before
     assert grouped.q_proj._projection_group[0].enabled
@@ -262,10 +262,15 @@ def test_every_loader_groups(tmp_path):
 @cuda
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("double_quant", [True, False])
-@pytest.mark.parametrize("M", [1, 2, 3, 5, 8])
+@pytest.mark.parametrize("M", [1, 2, 3, 5, 8, 9, 16, 31, 64])
 def test_group_kernel_bit_for_bit(dtype, double_quant, M):
-    """Sizes off the 16-row tile (the last tile of each weight partial), biases on some, a non-contiguous x."""
-    for sizes, k in [([(1000, True), (264, False), (264, True)], 1024), ([(520, False), (4100, True)], 2304)]:
+    """The decode kernel (M <= 8) and the swapped one (9..64): sizes off the 16- and 128-row tiles (the last tile of
+    each weight partial), biases on some, a non-contiguous x; K split into different numbers of parts per weight, and
+    (M = 64) one weight not split beside one that is."""
+    cases = [([(1000, True), (264, False), (264, True)], 1024), ([(520, False), (4100, True)], 2304)]
+    if M == 64:
+        cases.append(([(33800, False), (264, True)], 1024))
+    for sizes, k in cases:
         layers = linears(sizes, k, "cuda", double_quant, seed=M, dtype=dtype)
         xfull = torch.randn(M, 2 * k, device="cuda").to(dtype)
         x = xfull[:, ::2]
@@ -278,12 +283,34 @@ def test_group_kernel_bit_for_bit(dtype, double_quant, M):
             assert err < 1e-2
 
 
+def kernel_launches(fn, name):
+    """How many CUDA kernels whose name contains `name` fn() launches."""
+    from torch.profiler import ProfilerActivity, profile
+    fn()  # warm: one-time attribute calls and allocations out of the profile
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    return sum(e.count for e in prof.key_averages() if name in e.key)
+
+
+@cuda
+@pytest.mark.parametrize("M, kernel", [(1, "decode_unit_kernel"), (16, "swap_gemm_kernel"),
+                                       (64, "swap_gemm_kernel")])
+def test_group_kernel_is_one_launch(M, kernel):
+    layers = linears([(1000, True), (264, False), (264, True)], 1024, "cuda", seed=M)
+    x = torch.randn(M, 1024, device="cuda", dtype=torch.bfloat16)
+    w4s, biases = group_args(layers, x.dtype)
+    assert kernel_launches(lambda: each(x, layers, x.dtype), kernel) == 3
+    assert kernel_launches(lambda: _ops.gemm_4bit_group(x, w4s, biases), kernel) == 1
+
+
 @cuda
 def test_group_kernel_fallbacks_equal_gemm():
-    """Where one launch does not apply (fp32, M past the decode kernel, a block size of 128): one gemm_4bit per
-    weight."""
+    """Where one launch does not apply (fp32, M past the grouped kernels, a block size of 128 at M = 1): one
+    gemm_4bit per weight."""
     layers = linears([(512, True), (256, False)], 1024, "cuda")
-    for x in (torch.randn(2, 1024, device="cuda"), torch.randn(9, 1024, device="cuda", dtype=torch.bfloat16)):
+    for x in (torch.randn(2, 1024, device="cuda"), torch.randn(65, 1024, device="cuda", dtype=torch.bfloat16)):
         ys = _ops.gemm_4bit_group(x, *group_args(layers, x.dtype))
         assert all(torch.equal(y, w) for y, w in zip(ys, each(x, layers, x.dtype)))
     wide = [nf4q.Linear4bit.from_linear(nn.Linear(1024, n), compute_dtype=torch.bfloat16, blocksize=128).cuda()

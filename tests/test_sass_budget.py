@@ -36,8 +36,10 @@ def counts():
 @pytest.mark.parametrize("dtype", ["bf16", "fp16"])
 @pytest.mark.parametrize("tokens", sorted(BUDGET))
 @pytest.mark.parametrize("double_quant", [True, False])
-def test_small_tiles_stay_within_their_instruction_budget(counts, dtype, tokens, double_quant):
-    per_step, serialized = counts[(dtype, tokens, double_quant)]
+@pytest.mark.parametrize("weights", [1, 3])
+def test_small_tiles_stay_within_their_instruction_budget(counts, dtype, tokens, double_quant, weights):
+    """One weight, and the grouped form (q, k and v in one launch), whose steps are the same."""
+    per_step, serialized = counts[(dtype, tokens, double_quant, weights)]
     assert not serialized, "ptxas serialized the wgmma of this tile (register pressure, warning C7512)"
     assert per_step <= BUDGET[tokens], f"{per_step} instructions per K step (budget {BUDGET[tokens]})"
 
@@ -48,10 +50,11 @@ def test_wide_tiles_keep_their_wgmma_pipelined(counts, dtype, tokens):
     """The 128/256-token tiles (M > 64) run one CTA per SM so that ptxas has the registers to keep their wgmma
     pipelined; at two CTAs per SM it serialized them (warning C7512)."""
     for double_quant in (True, False):
-        assert not counts[(dtype, tokens, double_quant)][1], (tokens, double_quant)
+        assert not counts[(dtype, tokens, double_quant, 1)][1], (tokens, double_quant)
 
 
 def test_every_instantiation_is_found(counts):
-    """All 20 kernels (2 dtypes x 5 tiles x double quant or not) are read, each with a step count."""
-    assert len(counts) == 20
+    """All 32 kernels (2 dtypes x double quant or not x 5 tiles for one weight, 3 grouped) are read, each with a step
+    count."""
+    assert len(counts) == 32
     assert all(v is not None and v[0] > 50 for v in counts.values())

@@ -224,6 +224,11 @@ bool gemm_mma_group(const at::Tensor& x2, const std::vector<W4>& ws,
 bool gemm_swap_eligible(const at::Tensor& x2, const W4& w);
 bool gemm_swap(const at::Tensor& x2, const W4& w, const c10::optional<at::Tensor>& bias, at::Tensor& y,
                const at::Tensor* lora_t = nullptr, const at::Tensor* lora_b = nullptr);
+// ys[s] = x2 @ dequant(ws[s])^T (+ biases[s]) for 2-3 weights of one K in one launch of the swapped kernel (one grid
+// holding each weight's CTAs as gemm_swap would launch them alone, and one kernel for the split sums), bit for bit what
+// gemm_swap gives each. Returns false (doing nothing) unless every weight is eligible, one kind of scales, M <= 64.
+bool gemm_swap_group(const at::Tensor& x2, const std::vector<W4>& ws,
+                     const std::vector<c10::optional<at::Tensor>>& biases, std::vector<at::Tensor>& ys);
 
 // Large-M fused path (fused_gemm.cu, wgmma on sm_90a): out = act @ W^T (transposed = false; act [M, K], out
 // [M, N]) or act @ W (transposed = true; act [M, N], out [M, K]), plus extra_act @ extra_w^T when given (the LoRA

@@ -50,8 +50,8 @@ bool takes_decode_kernel(GemmPath path, int64_t M, int64_t N, int64_t K) {
   return path == GemmPath::kAuto && M >= 1 && M <= kMmaMaxM && (M <= kDecodeAnyM || N * K <= kDecodeMaxNK);
 }
 
-// One decode-kernel launch for the whole group where gemm_2d would send every weight alone to that kernel (so the
-// results are the same bits), else one gemm_4bit per weight.
+// One launch for the whole group where gemm_2d would send every weight alone to the decode kernel, or every weight to the
+// swapped kernel (so the results are the same bits), else one gemm_4bit per weight.
 std::vector<at::Tensor> gemm_4bit_group(const at::Tensor& x, at::TensorList packed, at::TensorList absmax,
                                         const OptList& nested_absmax, const OptT& nested_code,
                                         const OptList& nested_offset, const at::Tensor& code, int64_t blocksize,
@@ -61,13 +61,19 @@ std::vector<at::Tensor> gemm_4bit_group(const at::Tensor& x, at::TensorList pack
   TORCH_CHECK_VALUE(x.is_cuda(), "nf4q: gemm_4bit_group: x must be a CUDA tensor");
   const int64_t K = x.size(-1), M = K == 0 ? 0 : x.numel() / K;
   const auto path = forced_gemm_path();
-  bool one_launch = ws.size() > 1;
-  for (const auto& w : ws) one_launch = one_launch && takes_decode_kernel(path, M, w.rows(), K);
-  if (one_launch) {
+  bool decode = ws.size() > 1, swap = ws.size() > 1;
+  for (const auto& w : ws) {
+    const bool takes_decode = takes_decode_kernel(path, M, w.rows(), K);
+    decode = decode && takes_decode;
+    swap = swap && !(takes_decode && decode_unit_eligible(w)) &&
+           (path == GemmPath::kSwap || (path == GemmPath::kAuto && use_swap(M, w.rows())));
+  }
+  if (decode || swap) {
     c10::cuda::CUDAGuard guard(x.device());
     std::vector<c10::optional<at::Tensor>> b(bias.begin(), bias.end());
     std::vector<at::Tensor> ys;
-    if (gemm_mma_group(x.reshape({-1, K}), ws, b, ys)) {
+    const auto x2 = x.reshape({-1, K});
+    if (decode ? gemm_mma_group(x2, ws, b, ys) : gemm_swap_group(x2, ws, b, ys)) {
       for (auto& y : ys) y = y.view(with_last(x, y.size(1)));
       return ys;
     }

@@ -23,6 +23,10 @@
 //
 // When the row tiles x token tiles do not fill the SMs, K is split: each split writes fp32 partial sums and a
 // second kernel adds them in split order (deterministic) with the bias.
+//
+// One launch may cover up to three weights of one K that read the same x (q, k and v; gate and up: gemm_4bit_group
+// for 9-64 tokens): each weight keeps the CTAs and split plan it would have alone, so the outputs are those bits, and
+// the launches, the pipeline fills and the last waves of separate calls become one (notes/cuda.md, round 12).
 // Built only for sm_90a (wgmma); elsewhere gemm_swap() returns false and callers take another path.
 #include <cstdlib>
 #include <type_traits>
@@ -141,11 +145,38 @@ __device__ __forceinline__ void fence_regs(uint32_t (&a)[16]) {
 }
 #endif
 
-template <typename T, int TN, bool DQ>
-__global__ void __launch_bounds__(kThreads, ctas_per_sm<TN>())
-    swap_gemm_kernel(const W4View w, const Out o, const __grid_constant__ CUtensorMap tm_x,
-                     const __grid_constant__ CUtensorMap tm_w, const __grid_constant__ CUtensorMap tm_t) {
+// One weight of a launch: its view, its output and its CTAs (row tiles x token tiles, times its K splits).
+struct SwapMember {
+  W4View w;
+  Out o;
+  int tiles;  // row tiles x token tiles
+};
+// A launch: 1-3 weights of one x (q, k and v; gate and up), each with the CTAs, split plan and bits it would have
+// alone, numbered one weight after another (weight s owns CTAs first[s] .. first[s + 1] - 1; CTA c of a weight is tile
+// c % tiles of split c / tiles), so one launch gives what separate ones would, bit for bit. One weight: a 2-D grid
+// (tiles, splits), as before groups existed.
+constexpr int kMaxGroup = 3, kGroupMaxTokens = 64;  // grouped: 16-64-token tiles (batched decoding), not compiled wider
+template <int G>
+struct SwapArgs {
+  CUtensorMap tm_w[G];  // each weight's packed bytes
+  CUtensorMap tm_x, tm_t;
+  SwapMember m[G];
+  int first[G + 1];
+};
+
+template <typename T, int TN, bool DQ, int G>
+__global__ void __launch_bounds__(kThreads, ctas_per_sm<TN>()) swap_gemm_kernel(const __grid_constant__ SwapArgs<G> p) {
 #ifdef NF4Q_WGMMA
+  // This CTA's weight (G - 1 compares, once), tile and K split.
+  int ws = 0;
+#pragma unroll
+  for (int i = 1; i < G; ++i) ws += static_cast<int>(blockIdx.x) >= p.first[i];
+  const W4View& w = p.m[ws].w;  // references into the parameters, not copies (the compiler keeps what it needs)
+  const Out& o = p.m[ws].o;
+  const CUtensorMap* tm_w = &p.tm_w[ws];
+  const int cta = static_cast<int>(blockIdx.x) - p.first[ws];
+  const int tile = G == 1 ? static_cast<int>(blockIdx.x) : cta % p.m[ws].tiles;
+  const int split = G == 1 ? static_cast<int>(blockIdx.y) : cta / p.m[ws].tiles;
   constexpr int S = stages<TN>(), kXBytes = TN * 128, kCopies = 32, kShift = lut_shift<TN>();
   constexpr bool kPost = TN == 16;  // block scales applied to the fp32 products (see blk below)
   extern __shared__ uint8_t smem_raw[];
@@ -171,9 +202,9 @@ __global__ void __launch_bounds__(kThreads, ctas_per_sm<TN>())
   __syncthreads();
 
   // Token tiles vary fastest, so the CTAs that share W's rows run together and W is read from HBM once.
-  const int m_tile = blockIdx.x % o.m_tiles, n0 = (blockIdx.x / o.m_tiles) * kRows;
+  const int m_tile = tile % o.m_tiles, n0 = (tile / o.m_tiles) * kRows;
   const int64_t m0 = int64_t{m_tile} * TN;
-  const int kt0 = blockIdx.y * o.steps, nsteps = min(o.K / kBK - kt0, o.steps);
+  const int kt0 = split * o.steps, nsteps = min(o.K / kBK - kt0, o.steps);
   const int lrow = (warp >> 2) * 64 + (warp & 3) * 16 + g;  // rows lrow and lrow + 8 of the tile
   const int row_a = n0 + lrow, row_b = row_a + 8;
   const float offset = DQ ? __ldg(w.nested_offset) : 0.f;
@@ -267,8 +298,8 @@ __global__ void __launch_bounds__(kThreads, ctas_per_sm<TN>())
   auto load_stage = [&](int i, uint32_t slot) {  // one thread: step i into stage slot
     const uint32_t bar = bars + 8 * slot;
     mbar_expect(bar, kXBytes + kRawBytes);
-    tma_load(smem_addr(x_s + slot * kXBytes), &tm_x, (kt0 + i) * kBK, static_cast<int>(m0), bar);
-    tma_load(smem_addr(raw_s + slot * kRawBytes), &tm_w, (kt0 + i) * kBK / 2, n0, bar);
+    tma_load(smem_addr(x_s + slot * kXBytes), &p.tm_x, (kt0 + i) * kBK, static_cast<int>(m0), bar);
+    tma_load(smem_addr(raw_s + slot * kRawBytes), tm_w, (kt0 + i) * kBK / 2, n0, bar);
   };
   if (tid == 0)
     for (int i = 0; i < S - 1 && i < nsteps; ++i) load_stage(i, i);
@@ -363,11 +394,11 @@ __global__ void __launch_bounds__(kThreads, ctas_per_sm<TN>())
   // The LoRA term as extra reduction steps (first split only): A = lora_B's rows, straight from global memory into
   // registers (k slots past r read as zero), B = t's tile by TMA into stage 0 (columns past r zero-filled).
   const uint32_t* lb = static_cast<const uint32_t*>(o.lora_b);
-  for (int e = 0; lb != nullptr && blockIdx.y == 0 && e * kBK < o.r; ++e) {
+  for (int e = 0; lb != nullptr && split == 0 && e * kBK < o.r; ++e) {
     __syncthreads();  // every warp is past its last read of stage 0
     if (tid == 0) {
       mbar_expect(bars + 8 * S, kXBytes);
-      tma_load(smem_addr(x_s), &tm_t, e * kBK, static_cast<int>(m0), bars + 8 * S);
+      tma_load(smem_addr(x_s), &p.tm_t, e * kBK, static_cast<int>(m0), bars + 8 * S);
     }
 #pragma unroll
     for (int s = 0; s < 4; ++s)
@@ -388,52 +419,77 @@ __global__ void __launch_bounds__(kThreads, ctas_per_sm<TN>())
     fence_regs(a0);
   }
 
-  // Epilogue: acc[4j + 2h + e] = y^T[row lrow + 8h, token 8j + 2t + e].
-  T* y = static_cast<T*>(o.y);
-  const T* bias = static_cast<const T*>(o.bias);
+  // Epilogue: acc[4j + 2h + e] = y^T[row lrow + 8h, token 8j + 2t + e]: this split's fp32 partial sums, or y + bias.
+  // One loop per output type (the branch out of the loops: straight-line stores).
+  const int64_t N = o.N, M = o.M;
+  auto put = [&](auto* out, const T* bias) {  // out: [M, N]
 #pragma unroll
-  for (int h = 0; h < 2; ++h) {
-    const int row = h ? row_b : row_a;
-    if (row >= o.N) continue;
-    const float b = (bias != nullptr && o.partial == nullptr) ? Cvt<T>::to_float(bias[row]) : 0.f;
+    for (int h = 0; h < 2; ++h) {
+      const int row = h ? row_b : row_a;
+      if (row >= o.N) continue;
+      const float b = bias != nullptr ? Cvt<T>::to_float(bias[row]) : 0.f;
 #pragma unroll
-    for (int j = 0; j < TN / 8; ++j)
+      for (int j = 0; j < TN / 8; ++j)
 #pragma unroll
-      for (int e = 0; e < 2; ++e) {
-        const int64_t m = m0 + 8 * j + 2 * tig + e;
-        if (m >= o.M) continue;
-        const float v = acc[4 * j + 2 * h + e];
-        if (o.partial != nullptr)
-          o.partial[(blockIdx.y * o.M + m) * o.N + row] = v;
-        else
-          y[m * o.N + row] = Cvt<T>::from(v + b);
-      }
-  }
+        for (int e = 0; e < 2; ++e) {
+          const int64_t m = m0 + 8 * j + 2 * tig + e;
+          const float v = acc[4 * j + 2 * h + e];
+          if (m >= M) continue;
+          if constexpr (std::is_same_v<decltype(out), float*>)
+            out[m * N + row] = v;
+          else
+            out[m * N + row] = Cvt<T>::from(v + b);
+        }
+    }
+  };
+  if (o.partial != nullptr)
+    put(o.partial + split * M * N, nullptr);
+  else
+    put(static_cast<T*>(o.y), static_cast<const T*>(o.bias));
 #endif
 }
 
-// y = sum over splits of partial (in split order) + bias.
+// The split weights of a launch: y = the sum over splits of partial (in split order) + bias, weight s of them in
+// the blocks of blockIdx.y = s (so a block's weight is uniform and one weight is the kernel it always was).
 template <typename T>
-__global__ void sum_splits_kernel(const float* __restrict__ partial, int splits, int64_t MN, int N,
-                                  const T* __restrict__ bias, T* __restrict__ y) {
+struct SplitSums {
+  const float* partial[kMaxGroup];
+  const T* bias[kMaxGroup];
+  T* y[kMaxGroup];
+  int64_t mn[kMaxGroup];  // M x N
+  int n[kMaxGroup], splits[kMaxGroup];
+  int count;
+};
+template <typename T>
+__global__ void sum_splits_kernel(const __grid_constant__ SplitSums<T> a) {
+  const int s = blockIdx.y, N = a.n[s], splits = a.splits[s];
+  const int64_t MN = a.mn[s];
+  const float* __restrict__ partial = a.partial[s];
+  const T* __restrict__ bias = a.bias[s];
+  T* __restrict__ y = a.y[s];
   for (int64_t p = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; p < MN; p += int64_t{gridDim.x} * blockDim.x) {
     float v = 0.f;
-    for (int s = 0; s < splits; ++s) v += partial[s * MN + p];
+    for (int j = 0; j < splits; ++j) v += partial[j * MN + p];
     if (bias != nullptr) v += Cvt<T>::to_float(bias[p % N]);
     y[p] = Cvt<T>::from(v);
   }
 }
 
-// One call's operands: x [M, K] contiguous and 16-byte aligned; t [M, r] and lb [N, r] (LoRA, undefined without).
+// One weight of a call and its output; bias null without one.
+template <typename T>
+struct Weight {
+  const W4* w;
+  W4View v;
+  const T* bias;
+  at::Tensor* y;
+};
+// One call's operands: x [M, K] contiguous and 16-byte aligned, 1-3 weights of one K and one kind of scales; t [M, r]
+// and lb [N, r] (LoRA, one weight only; undefined without).
 template <typename T>
 struct Call {
   const at::Tensor& x;
-  const W4& w;
-  const W4View& v;
-  const T* bias;
-  at::Tensor& y;
-  const at::Tensor& t;
-  const at::Tensor& lb;
+  std::vector<Weight<T>> ws;
+  at::Tensor t, lb;
 };
 
 // Split K while the tiles leave CTA slots idle, keeping at least kMinStepsPerSplit steps per split; whole scale
@@ -447,67 +503,104 @@ SplitK split_k(int64_t tiles, int64_t ksteps, int64_t slots) {
   return {steps, ceil_div(ksteps, steps)};
 }
 
-template <typename T, int TN, bool DQ>
+template <typename T, int TN, bool DQ, int G>
 void launch(const Call<T>& c) {
-  const int64_t M = c.x.size(0), N = c.w.rows(), K = c.w.cols();
+  const int64_t M = c.x.size(0), K = c.x.size(1), ksteps = K / kBK;
   const int sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
-  Out o{};
-  o.M = M;
-  o.N = static_cast<int>(N);
-  o.K = static_cast<int>(K);
-  o.m_tiles = static_cast<int>(ceil_div(M, TN));
-  const int64_t tiles = o.m_tiles * ceil_div(N, kRows), ksteps = K / kBK;
-  TORCH_CHECK(tiles < INT32_MAX, "nf4q: gemm_swap: too many tiles");
-  const auto plan = split_k(tiles, ksteps, ctas_per_sm<TN>() * sms);
-  o.steps = static_cast<int>(plan.steps);
-  const int splits = static_cast<int>(plan.splits);
-  at::Tensor partial;
-  if (splits > 1) {
-    partial = at::empty({splits, M, N}, c.x.options().dtype(at::kFloat));
-    o.partial = partial.data_ptr<float>();
-  } else {
-    o.y = c.y.data_ptr();
-    o.bias = c.bias;
+  const auto type = std::is_same_v<T, __half> ? CU_TENSOR_MAP_DATA_TYPE_FLOAT16 : CU_TENSOR_MAP_DATA_TYPE_BFLOAT16;
+  SwapArgs<G> p{};
+  p.tm_x = tensor_map(c.x.data_ptr(), type, 2, M, K, TN, kBK, CU_TENSOR_MAP_SWIZZLE_128B);
+  SplitSums<T> sums{};
+  int64_t partials = 0, ctas = 0;
+  int64_t offset[G] = {};
+  int splits[G] = {};
+  // Each weight: the plan it would get alone (so the same bits), its CTAs after the previous weight's. Slots past the
+  // call's weights repeat the last one with no CTAs.
+  const int count = static_cast<int>(c.ws.size());
+  for (int s = 0; s < G; ++s) {
+    if (s >= count) {
+      p.m[s] = p.m[s - 1];
+      p.tm_w[s] = p.tm_w[s - 1];
+      p.first[s] = static_cast<int>(ctas);
+      continue;
+    }
+    const Weight<T>& cw = c.ws[s];
+    const int64_t N = cw.w->rows();
+    Out& o = p.m[s].o;
+    o.M = M;
+    o.N = static_cast<int>(N);
+    o.K = static_cast<int>(K);
+    o.m_tiles = static_cast<int>(ceil_div(M, TN));
+    const int64_t tiles = o.m_tiles * ceil_div(N, kRows);
+    const auto plan = split_k(tiles, ksteps, ctas_per_sm<TN>() * sms);
+    o.steps = static_cast<int>(plan.steps);
+    splits[s] = static_cast<int>(plan.splits);
+    const auto scales = reinterpret_cast<uintptr_t>(cw.v.absmax);
+    o.vec = cw.v.log2_bs == 6 && ksteps % kGroup == 0 &&
+            (DQ ? cw.v.nested_log2 >= 2 && scales % 4 == 0 : scales % 16 == 0);
+    if (splits[s] > 1) {
+      offset[s] = partials;
+      partials += splits[s] * M * N;
+      sums.bias[sums.count] = cw.bias;
+      sums.y[sums.count] = static_cast<T*>(cw.y->data_ptr());
+      sums.n[sums.count] = o.N;
+      sums.splits[sums.count] = splits[s];
+      sums.mn[sums.count++] = M * N;
+    } else {
+      o.y = cw.y->data_ptr();
+      o.bias = cw.bias;
+    }
+    p.m[s].w = cw.v;
+    p.m[s].tiles = static_cast<int>(tiles);
+    p.tm_w[s] = tensor_map(cw.w->packed.data_ptr(), CU_TENSOR_MAP_DATA_TYPE_UINT8, 1, N, K / 2, kRows, kBK / 2,
+                           CU_TENSOR_MAP_SWIZZLE_NONE);
+    p.first[s] = static_cast<int>(ctas);
+    ctas += tiles * splits[s];
+    TORCH_CHECK(ctas < INT32_MAX, "nf4q: gemm_swap: too many tiles");
   }
-  const auto scales = reinterpret_cast<uintptr_t>(c.v.absmax);
-  o.vec = c.v.log2_bs == 6 && ksteps % kGroup == 0 && (DQ ? c.v.nested_log2 >= 2 && scales % 4 == 0 : scales % 16 == 0);
+  p.first[G] = static_cast<int>(ctas);
+  at::Tensor partial;
+  if (partials > 0) {
+    partial = at::empty({partials}, c.x.options().dtype(at::kFloat));
+    for (int s = 0, i = 0; s < count; ++s)
+      if (splits[s] > 1) sums.partial[i++] = p.m[s].o.partial = partial.data_ptr<float>() + offset[s];
+  }
+  p.tm_t = p.tm_x;  // without LoRA the kernel never reads tm_t: x's map stands in
+  if (c.t.defined()) {
+    p.m[0].o.lora_b = c.lb.data_ptr();
+    p.m[0].o.r = static_cast<int>(c.t.size(1));
+    p.tm_t = tensor_map(c.t.data_ptr(), type, 2, M, p.m[0].o.r, TN, kBK, CU_TENSOR_MAP_SWIZZLE_128B);
+  }
   constexpr int smem = smem_bytes<TN>();
   static const bool attr = [] {
     C10_CUDA_CHECK(
-        cudaFuncSetAttribute(swap_gemm_kernel<T, TN, DQ>, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
+        cudaFuncSetAttribute(swap_gemm_kernel<T, TN, DQ, G>, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
     return true;
   }();
   (void)attr;
-  const auto type = std::is_same_v<T, __half> ? CU_TENSOR_MAP_DATA_TYPE_FLOAT16 : CU_TENSOR_MAP_DATA_TYPE_BFLOAT16;
-  const auto tm_x = tensor_map(c.x.data_ptr(), type, 2, M, K, TN, kBK, CU_TENSOR_MAP_SWIZZLE_128B);
-  const auto tm_w = tensor_map(c.w.packed.data_ptr(), CU_TENSOR_MAP_DATA_TYPE_UINT8, 1, N, K / 2, kRows, kBK / 2,
-                               CU_TENSOR_MAP_SWIZZLE_NONE);
-  const bool lora = c.t.defined();
-  if (lora) {
-    o.lora_b = c.lb.data_ptr();
-    o.r = static_cast<int>(c.t.size(1));
-  }
-  // Without LoRA the kernel never reads tm_t: x's map stands in.
-  const auto tm_t = lora ? tensor_map(c.t.data_ptr(), type, 2, M, o.r, TN, kBK, CU_TENSOR_MAP_SWIZZLE_128B) : tm_x;
+  const dim3 grid = G == 1 ? dim3(static_cast<unsigned>(p.m[0].tiles), splits[0]) : dim3(static_cast<unsigned>(ctas));
   const auto stream = at::cuda::getCurrentCUDAStream();
-  swap_gemm_kernel<T, TN, DQ>
-      <<<dim3(static_cast<unsigned>(tiles), splits), kThreads, smem, stream>>>(c.v, o, tm_x, tm_w, tm_t);
+  swap_gemm_kernel<T, TN, DQ, G><<<grid, kThreads, smem, stream>>>(p);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-  if (splits > 1) {
+  if (sums.count > 0) {
     const int threads = 256;
-    const int64_t grid = std::min<int64_t>(ceil_div(M * N, threads), 4 * sms);
-    sum_splits_kernel<T><<<grid, threads, 0, stream>>>(partial.data_ptr<float>(), splits, M * N, o.N, c.bias,
-                                                       static_cast<T*>(c.y.data_ptr()));
+    int64_t most = 0;
+    for (int s = 0; s < sums.count; ++s) most = std::max(most, sums.mn[s]);
+    const dim3 blocks(static_cast<unsigned>(std::min<int64_t>(ceil_div(most, threads), 4 * sms)), sums.count);
+    sum_splits_kernel<T><<<blocks, threads, 0, stream>>>(sums);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
 }
 
 template <typename T, int TN>
 void launch_dq(const Call<T>& c) {
-  if (c.v.nested_absmax != nullptr) {
-    launch<T, TN, true>(c);
+  const bool dq = c.ws[0].v.nested_absmax != nullptr;
+  if (c.ws.size() == 1) {
+    dq ? launch<T, TN, true, 1>(c) : launch<T, TN, false, 1>(c);
+  } else if constexpr (TN <= kGroupMaxTokens) {  // two weights take the three-weight form, with an empty third
+    dq ? launch<T, TN, true, kMaxGroup>(c) : launch<T, TN, false, kMaxGroup>(c);
   } else {
-    launch<T, TN, false>(c);
+    TORCH_CHECK(false, "nf4q: gemm_swap: no grouped kernel for ", TN, "-token tiles");
   }
 }
 
@@ -535,9 +628,16 @@ int tokens_per_tile(int64_t M, int64_t N, int64_t K) {
   return cost(256, 256) < cost(128, 164) ? 256 : 128;
 }
 
+// The call in dtype T: one W4View per weight, the biases already in T.
 template <typename T>
-void dispatch(const Call<T>& c) {
-  switch (tokens_per_tile(c.x.size(0), c.w.rows(), c.w.cols())) {
+void dispatch(const at::Tensor& x, const std::vector<const W4*>& ws, const std::vector<at::Tensor>& biases,
+              const std::vector<at::Tensor*>& ys, const at::Tensor& t, const at::Tensor& lb) {
+  Call<T> c{x, {}, t, lb};
+  for (size_t s = 0; s < ws.size(); ++s) {
+    const T* bias = biases[s].defined() ? static_cast<const T*>(biases[s].data_ptr()) : nullptr;
+    c.ws.push_back({ws[s], make_view(*ws[s], "gemm_4bit"), bias, ys[s]});
+  }
+  switch (tokens_per_tile(x.size(0), ws[0]->rows(), ws[0]->cols())) {
     case 16:
       return launch_dq<T, 16>(c);
     case 32:
@@ -549,6 +649,12 @@ void dispatch(const Call<T>& c) {
     default:
       return launch_dq<T, 256>(c);
   }
+}
+
+void dispatch(const at::Tensor& x, const std::vector<const W4*>& ws, const std::vector<at::Tensor>& biases,
+              const std::vector<at::Tensor*>& ys, const at::Tensor& t = {}, const at::Tensor& lb = {}) {
+  x.scalar_type() == at::kHalf ? dispatch<__half>(x, ws, biases, ys, t, lb)
+                               : dispatch<__nv_bfloat16>(x, ws, biases, ys, t, lb);
 }
 
 }  // namespace
@@ -579,12 +685,30 @@ bool gemm_swap(const at::Tensor& x_in, const W4& w, const c10::optional<at::Tens
     t = contiguous_aligned16(*lora_t);
     lb = contiguous_aligned16(*lora_b);
   }
-  const W4View v = make_view(w, "gemm_4bit");
-  if (dt == at::kHalf) {
-    dispatch<__half>({x, w, v, bias ? static_cast<const __half*>(b.data_ptr()) : nullptr, y, t, lb});
-  } else {
-    dispatch<__nv_bfloat16>({x, w, v, bias ? static_cast<const __nv_bfloat16*>(b.data_ptr()) : nullptr, y, t, lb});
+  dispatch(x, {&w}, {b}, {&y}, t, lb);
+  return true;
+}
+
+bool gemm_swap_group(const at::Tensor& x_in, const std::vector<W4>& ws,
+                     const std::vector<c10::optional<at::Tensor>>& biases, std::vector<at::Tensor>& ys) {
+  const int64_t M = x_in.size(0), K = x_in.size(1);
+  if (ws.size() < 2 || ws.size() > kMaxGroup || M > kGroupMaxTokens) return false;
+  for (const auto& w : ws)
+    if (!gemm_swap_eligible(x_in, w) || w.cols() != K || w.double_quant() != ws[0].double_quant()) return false;
+  if (tokens_per_tile(M, ws[0].rows(), K) > kGroupMaxTokens) return false;  // NF4Q_SWAP_TOKENS forced a wide tile
+  const auto x = contiguous_aligned16(x_in);
+  std::vector<at::Tensor> b(ws.size());
+  std::vector<const W4*> wp;
+  std::vector<at::Tensor*> yp;
+  ys.clear();
+  ys.reserve(ws.size());  // no reallocation: yp points into it
+  for (size_t s = 0; s < ws.size(); ++s) {
+    if (biases[s]) b[s] = biases[s]->to(x.scalar_type()).contiguous();
+    ys.push_back(at::empty({M, ws[s].rows()}, x.options()));
+    wp.push_back(&ws[s]);
+    yp.push_back(&ys.back());
   }
+  dispatch(x, wp, b, yp);
   return true;
 }
 
