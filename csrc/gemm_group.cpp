@@ -1,5 +1,5 @@
 // gemm_4bit_group on every backend: its arguments checked and split into one W4 per weight, and the product as one
-// gemm_4bit call per weight (CPU; CUDA where its one-launch decode kernel does not take the group, csrc/cuda/gemm.cu).
+// gemm_4bit call per weight (CPU; CUDA where no one-launch kernel takes the group, csrc/cuda/gemm.cu).
 #include <torch/library.h>
 
 #include "op_handles.h"

@@ -33,8 +33,9 @@ TORCH_LIBRARY(nf4q, m) {
   m.def("gemm_4bit(Tensor x, " W4 ", Tensor? bias) -> Tensor");
   // ys[i] = x @ dequant(W_i)^T + bias[i] for 1-3 weights of one K that read the same x (sibling projections: q, k
   // and v; gate and up), each with its own codes, scales and out_features, the code and nested_code tables shared.
-  // For inference (no autograd formula). CUDA: one decode-kernel launch where that kernel takes every weight
-  // (M <= 3 rows in practice), bit for bit gemm_4bit's result; else, and on CPU, one gemm_4bit per weight.
+  // For inference (no autograd formula). CUDA: one launch where gemm_4bit would run every weight alone on the same
+  // kernel, the decode kernel (M <= 3 in practice) or the swapped one (M <= 64), bit for bit gemm_4bit's results;
+  // else, and on CPU, one gemm_4bit per weight.
   m.def("gemm_4bit_group(Tensor x, Tensor[] packed, Tensor[] absmax, Tensor?[] nested_absmax, Tensor? nested_code, "
         "Tensor?[] nested_offset, Tensor code, int blocksize, int nested_blocksize, int[] out_features, "
         "Tensor?[] bias) -> Tensor[]");

@@ -11,7 +11,6 @@
 namespace nf4q::cpu {
 namespace {
 
-
 std::vector<int64_t> with_last(const at::Tensor& x, int64_t last) {
   auto sizes = x.sizes().vec();
   sizes.back() = last;

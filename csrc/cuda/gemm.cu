@@ -49,6 +49,10 @@ at::Tensor gemm_4bit(const at::Tensor& x, NF4Q_W4_PARAMS, const c10::optional<at
 bool takes_decode_kernel(GemmPath path, int64_t M, int64_t N, int64_t K) {
   return path == GemmPath::kAuto && M >= 1 && M <= kMmaMaxM && (M <= kDecodeAnyM || N * K <= kDecodeMaxNK);
 }
+// Whether gemm_2d tries the swapped kernel next (where the decode kernel did not take the product).
+bool takes_swap_kernel(GemmPath path, int64_t M, int64_t N) {
+  return path == GemmPath::kSwap || (path == GemmPath::kAuto && use_swap(M, N));
+}
 
 // One launch for the whole group where gemm_2d would send every weight alone to the decode kernel, or every weight to the
 // swapped kernel (so the results are the same bits), else one gemm_4bit per weight.
@@ -65,8 +69,7 @@ std::vector<at::Tensor> gemm_4bit_group(const at::Tensor& x, at::TensorList pack
   for (const auto& w : ws) {
     const bool takes_decode = takes_decode_kernel(path, M, w.rows(), K);
     decode = decode && takes_decode;
-    swap = swap && !(takes_decode && decode_unit_eligible(w)) &&
-           (path == GemmPath::kSwap || (path == GemmPath::kAuto && use_swap(M, w.rows())));
+    swap = swap && !(takes_decode && decode_unit_eligible(w)) && takes_swap_kernel(path, M, w.rows());
   }
   if (decode || swap) {
     c10::cuda::CUDAGuard guard(x.device());
@@ -117,7 +120,7 @@ at::Tensor gemm_2d(const at::Tensor& x2, const W4& w, const c10::optional<at::Te
     auto y = at::empty({M, N}, x2.options().dtype(dt));
     if (gemm_mma(x2, w, bias, y)) return y;
   }
-  if (path == GemmPath::kSwap || (path == GemmPath::kAuto && use_swap(M, N))) {
+  if (takes_swap_kernel(path, M, N)) {
     auto y = at::empty({M, N}, x2.options().dtype(dt));
     if (gemm_swap(x2, w, bias, y)) return y;
   }
