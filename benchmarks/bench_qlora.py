@@ -9,8 +9,9 @@ nf4q runs as users call it: `Linear4bit.lora_forward` (one op call, C++ autograd
 --dropout > 0 (bf16+LoRA and bnb+LoRA then apply torch's dropout to their LoRA branch, as PEFT does).
 `× bf16` is nf4q's time over the bf16+LoRA time. `wgmma µs` / `slabs µs` force nf4q's two large-M strategies
 (NF4Q_CUDA_LORA): the fused wgmma kernel (W dequantized in shared memory only) and cuBLAS on slabs of dequantized W
-(max(32 MiB, 2048 rows)). `host µs` is the CPU time to issue one forward + backward into an idle GPU queue
-(median of 10). `peak MiB` is the extra memory one step allocates.
+(a power of two of rows or columns within 32 MiB, at least 2048 rows or 1024 columns). `host µs` is the CPU time to
+issue one forward + backward into an idle GPU queue (median of 10). `peak MiB` is the extra memory one step
+allocates.
 """
 import argparse
 import time

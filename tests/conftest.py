@@ -13,5 +13,16 @@ def gen():
 def randn(*shape, dtype=torch.float32, generator=None, device="cpu"):
     return torch.randn(*shape, generator=generator).to(dtype=dtype, device=device)
 
+
+def kernel_launches(fn, name):
+    """How many CUDA kernels whose name contains `name` fn() launches."""
+    from torch.profiler import ProfilerActivity, profile
+    fn()  # warm: one-time attribute calls and allocations out of the profile
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    return sum(e.count for e in prof.key_averages() if name in e.key)
+
 # tests/mutation/ is a tool run by hand (python tests/mutation/run.py), not part of the suite.
 collect_ignore = ["mutation"]

@@ -3,6 +3,7 @@ import pytest
 import torch
 
 import nf4q
+from conftest import kernel_launches
 from nf4q import _ops, _reference as ref
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -79,15 +80,18 @@ def test_lora_bad_shapes_raise():
 
 
 def test_several_slabs_match_reference_and_replay_in_a_cuda_graph(monkeypatch):
-    """The cuBLAS-slab path with three slabs each way (forward: 4096 + 4096 + 384 rows of W; dx: 1920 + 1920 + 256
-    columns, one buffer reused): forward with bias, dx, and the LoRA forms that accumulate into them, against the fp64
-    oracles; then the same forward captured in a CUDA graph and replayed on new input."""
+    """The cuBLAS-slab path with several slabs each way (forward: 4096 + 4096 + 384 rows of W; dx: four of 1024
+    columns, one buffer reused; one dequantize launch per slab): forward with bias, dx, and the LoRA forms that
+    accumulate into them, against the fp64 oracles; then the same forward captured in a CUDA graph and replayed on new
+    input."""
     monkeypatch.setenv("NF4Q_CUDA_GEMM", "dequant")
     monkeypatch.setenv("NF4Q_CUDA_LORA", "slabs")
     M, N, K, r, s, dt = 33, 8576, 4096, 8, 0.5, torch.bfloat16
     qw, x, A, B, bias = setup(M, N, K, r, dt, seed=3)
     g = torch.randn(M, N, device="cuda").to(dt)
     args = qw.op_args()
+    assert kernel_launches(lambda: ops.gemm_4bit(x, *args, bias), "dequant4_kernel") == 3
+    assert kernel_launches(lambda: ops.gemm_4bit_dx(g, *args), "dequant4_kernel") == 4
     assert rel_err(ops.gemm_4bit(x, *args, bias), ref.gemm_4bit(x, *args, bias=bias)) < TOL[dt]
     assert rel_err(ops.gemm_4bit_dx(g, *args), ref.gemm_4bit_dx(g, *args)) < TOL[dt]
     want = ref.lora_gemm_4bit(x, *args, bias=bias, lora_A=A, lora_B=B, scale=s)

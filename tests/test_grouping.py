@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 import nf4q
+from conftest import kernel_launches
 from nf4q import _ops, _reference as ref, grouping
 
 ops = torch.ops.nf4q
@@ -281,17 +282,6 @@ def test_group_kernel_bit_for_bit(dtype, double_quant, M):
             assert y.dtype == dtype and torch.equal(y, want)
             err = ((y.double() - oracle).norm() / oracle.norm()).item()
             assert err < 1e-2
-
-
-def kernel_launches(fn, name):
-    """How many CUDA kernels whose name contains `name` fn() launches."""
-    from torch.profiler import ProfilerActivity, profile
-    fn()  # warm: one-time attribute calls and allocations out of the profile
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        fn()
-        torch.cuda.synchronize()
-    return sum(e.count for e in prof.key_averages() if name in e.key)
 
 
 @cuda

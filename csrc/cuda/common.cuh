@@ -230,6 +230,20 @@ bool gemm_swap(const at::Tensor& x2, const W4& w, const c10::optional<at::Tensor
 bool gemm_swap_group(const at::Tensor& x2, const std::vector<W4>& ws,
                      const std::vector<c10::optional<at::Tensor>>& biases, std::vector<at::Tensor>& ys);
 
+// A group's outputs [M, N_s] in x2's dtype (ys, replaced) and its biases in that dtype (undefined where a weight has
+// none), for gemm_mma_group and gemm_swap_group.
+inline std::vector<at::Tensor> group_outputs(const at::Tensor& x2, const std::vector<W4>& ws,
+                                             const std::vector<c10::optional<at::Tensor>>& biases,
+                                             std::vector<at::Tensor>& ys) {
+  std::vector<at::Tensor> b(ws.size());
+  ys.clear();
+  for (size_t s = 0; s < ws.size(); ++s) {
+    ys.push_back(at::empty({x2.size(0), ws[s].rows()}, x2.options()));
+    if (biases[s]) b[s] = biases[s]->to(x2.scalar_type()).contiguous();
+  }
+  return b;
+}
+
 // Large-M fused path (fused_gemm.cu, wgmma on sm_90a): out = act @ W^T (transposed = false; act [M, K], out
 // [M, N]) or act @ W (transposed = true; act [M, N], out [M, K]), plus extra_act @ extra_w^T when given (the LoRA
 // term as extra reduction columns: [M, r] and [out cols, r], r a multiple of 8) plus bias. The
@@ -245,7 +259,8 @@ bool use_fused(int64_t M, int64_t out_cols);
 bool use_swap(int64_t M, int64_t N);
 
 // out = act @ W^T (transposed = false; out [M, N]) or act @ W (true; out [M, K]) through cuBLAS on dequantized
-// slabs of W's rows, max(32 MiB, 2048 rows) of them at a time; accumulate adds to what out holds.
+// slabs of W's rows or columns (a power of two of them within 32 MiB, at least 2048 rows or 1024 columns) at a time;
+// accumulate adds to what out holds.
 void gemm_slabs(const at::Tensor& act, const W4& w, bool transposed, at::Tensor& out, bool accumulate);
 
 // Which gemm path to take; NF4Q_CUDA_GEMM=mma|swap|fused|dequant overrides the size heuristic (for benchmarks).

@@ -32,6 +32,9 @@ constexpr int64_t kSwapMaxM = 2048;
 // Dequantized W the cuBLAS path holds at a time: 32 MiB (a 28672 x 8192 bf16 W is 448 MiB), but at least 2048
 // rows, since each slab re-reads the activations (forward) or re-writes dx (backward): 512-row slabs of the
 // 8192 x 28672 weight made the forward 1.16x bf16 at M = 4096 (bench_linear on the H200).
+// A slab is a power of two of rows/columns: cuBLAS ran uneven widths slowly (the 14336 x 4096 weight's backward in
+// 1152-column slabs, the budget's multiple of 128, took 8-31% longer than in 1024-column ones at M = 2048-8192), and
+// equal slabs of 3584 lost 5-21% against 4096 + 4096 + 4096 + 2048 (H200, notes/cuda.md, round 13).
 constexpr int64_t kSlabBytes = 32 << 20, kSlabMinRows = 2048, kSlabMinCols = 1024;
 
 at::Tensor gemm_4bit(const at::Tensor& x, NF4Q_W4_PARAMS, const c10::optional<at::Tensor>& bias) {
@@ -156,11 +159,11 @@ void gemm_slabs(const at::Tensor& act, const W4& w, bool transposed, at::Tensor&
   // then one cuBLAS reduction, accumulated in fp32 and rounded once, as on the fused paths (slabs of W's rows in
   // backward would round dx once per slab).
   const int64_t span = transposed ? K : N, depth = transposed ? N : K;
-  // Whole multiples of 128 rows/columns; one slab when W is small. A column slab spans all N rows, so its floor is
-  // lower: 1024 columns of the 8192 x 28672 weight are 56 MiB, and 8 such slabs re-read g about as many bytes as
-  // the row slabs re-wrote dx.
+  // One slab when W is small. A column slab spans all N rows, so its floor is lower: 1024 columns of the
+  // 8192 x 28672 weight are 56 MiB, and 8 such slabs re-read g about as many bytes as the row slabs re-wrote dx.
   const int64_t floor = transposed ? kSlabMinCols : kSlabMinRows;
-  const int64_t len = std::max<int64_t>(floor, kSlabBytes / (depth * elt) / 128 * 128);
+  int64_t len = floor;  // the largest power of two within the budget, at least the floor (itself a power of two)
+  while (2 * len * depth * elt <= kSlabBytes) len *= 2;
   auto slab = at::empty({std::min(len, span) * depth}, out.options());
   for (int64_t s0 = 0; s0 < span; s0 += len) {
     const int64_t n = std::min(len, span - s0);

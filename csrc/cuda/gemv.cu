@@ -604,11 +604,7 @@ bool gemm_mma_group(const at::Tensor& x2_in, const std::vector<W4>& ws,
   }
   if (tiles > INT32_MAX) return false;
   const auto x2 = contiguous_aligned16(x2_in);
-  std::vector<at::Tensor> b(ws.size());
-  for (size_t s = 0; s < ws.size(); ++s) {
-    ys.push_back(at::empty({M, ws[s].rows()}, x2.options()));
-    if (biases[s]) b[s] = biases[s]->to(dt).contiguous();
-  }
+  const auto b = group_outputs(x2, ws, biases, ys);
   dt == at::kHalf ? launch_group<__half>(x2, ws, b, ys) : launch_group<__nv_bfloat16>(x2, ws, b, ys);
   return true;
 }

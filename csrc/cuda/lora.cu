@@ -8,7 +8,7 @@
 // apply): the wgmma kernel (fused_gemm.cu) over the concatenated inner dimension, [x, s d(x)A^T] @ [W, B]^T and
 // [g, s gB] @ [W; A], W dequantized only in shared memory. Elsewhere
 // (larger M, fp32, odd shapes, other GPUs): the thin LoRA term first, then cuBLAS adds x W^T slab by slab of
-// dequantized W (beta = 1), max(32 MiB, 2048 rows or columns) of W at a time.
+// dequantized W (beta = 1), slabs of W as gemm_slabs cuts them.
 // Numerics, every path but the rank-r update after gemm_2d: the base product is accumulated in fp32 over the whole
 // reduction and the output rounded once; the thin factor s d(x)A^T (or s gB) is rounded to the compute dtype before
 // it joins the same accumulation. With dropout, backward's LoRA part of dx is masked elementwise, so it is added

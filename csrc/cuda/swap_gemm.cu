@@ -697,16 +697,12 @@ bool gemm_swap_group(const at::Tensor& x_in, const std::vector<W4>& ws,
     if (!gemm_swap_eligible(x_in, w) || w.cols() != K || w.double_quant() != ws[0].double_quant()) return false;
   if (tokens_per_tile(M, ws[0].rows(), K) > kGroupMaxTokens) return false;  // NF4Q_SWAP_TOKENS forced a wide tile
   const auto x = contiguous_aligned16(x_in);
-  std::vector<at::Tensor> b(ws.size());
+  const auto b = group_outputs(x, ws, biases, ys);
   std::vector<const W4*> wp;
   std::vector<at::Tensor*> yp;
-  ys.clear();
-  ys.reserve(ws.size());  // no reallocation: yp points into it
   for (size_t s = 0; s < ws.size(); ++s) {
-    if (biases[s]) b[s] = biases[s]->to(x.scalar_type()).contiguous();
-    ys.push_back(at::empty({M, ws[s].rows()}, x.options()));
     wp.push_back(&ws[s]);
-    yp.push_back(&ys.back());
+    yp.push_back(&ys[s]);
   }
   dispatch(x, wp, b, yp);
   return true;
